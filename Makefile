@@ -1,0 +1,26 @@
+# Two commands on a fresh machine:  make demo  |  make test   (each creates .venv if missing)
+PY := .venv/bin/python
+export PYTHONHASHSEED := 0
+
+.PHONY: install demo demo-classification demo-dino demo-mask-rcnn demo-mask2former test benchmark clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $@
+
+demo: demo-classification
+
+demo-classification: install
+	$(PY) cli.py fit --config configs/demo/classification_shapes.yaml
+	$(PY) cli.py test --config configs/demo/classification_shapes.yaml --ckpt_path best
+
+test: install
+	$(PY) -m pytest -q
+
+benchmark: install
+	$(PY) benchmarks/backbone.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

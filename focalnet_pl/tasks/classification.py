@@ -1,0 +1,214 @@
+"""Image classification with a FocalNet: the paper's ImageNet recipe as a LightningModule."""
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
+
+from focalnet_pl.focalnet import FocalNet, create_focalnet
+from focalnet_pl.optim import param_groups, warmup_cosine
+from focalnet_pl.tasks.callbacks import default_task_callbacks
+
+log = logging.getLogger(__name__)
+
+
+class ClassificationTask(L.LightningModule):
+    """FocalNet classifier trained with AdamW, warmup + per-step cosine, label smoothing, Mixup/CutMix.
+
+    Args:
+        variant: FocalNet variant name (``focalnet_pl.list_variants()``).
+        num_classes: classes; ``None`` takes ``num_classes`` from the datamodule at setup.
+        weights: pretrained checkpoint to start from (fine-tuning: another class count gets a new
+            head; another resolution needs nothing — FocalNet has no position embeddings).
+        model_overrides: FocalNetConfig fields, e.g. ``{drop_path_rate: 0.3}``; the variant's own
+            drop path rate (the paper's per-variant value) is used otherwise.
+        lr: peak learning rate for a total batch of ``lr_reference_batch`` (linear scaling rule:
+            the actual peak is ``lr * total_batch / lr_reference_batch``; ``None`` disables scaling).
+        warmup_epochs, warmup_lr, min_lr: schedule (per optimizer step).
+        label_smoothing, mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: regularisation
+            (``alpha = 0`` disables that one; both 0 disable mixing).
+        ema_decay: keep an exponential moving average of the weights and evaluate with it.
+        grad_checkpointing: activation checkpointing in every block.
+        predict_output_dir: where ``predict`` writes ``predictions.json`` (top-5 per image).
+    """
+
+    def __init__(
+        self,
+        variant: str = "focalnet_tiny_srf",
+        num_classes: int | None = None,
+        weights: str | None = None,
+        model_overrides: dict[str, Any] | None = None,
+        lr: float = 5e-4,
+        lr_reference_batch: int | None = 512,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_epochs: float = 20.0,
+        warmup_lr: float = 5e-7,
+        min_lr: float = 5e-6,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        ema_decay: float | None = None,
+        grad_checkpointing: bool = False,
+        class_names: list[str] | None = None,
+        predict_output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: FocalNet | None = None
+        self.ema: AveragedModel | None = None
+        if num_classes is not None:
+            self._build(num_classes)
+
+    # ----------------------------------------------------------------- model
+    def _build(self, num_classes: int) -> None:
+        hp = self.hparams
+        self.model = create_focalnet(
+            hp.variant, num_classes=num_classes, weights=hp.weights,
+            grad_checkpointing=hp.grad_checkpointing, **(hp.model_overrides or {}),
+        )
+        if hp.ema_decay:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+        k = min(5, num_classes)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=k, average="micro")
+        self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=k, average="micro")
+        self.mix = self._make_mix(num_classes)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        num_classes = getattr(datamodule, "num_classes", None)
+        if num_classes is None:
+            raise ValueError("ClassificationTask: set model.num_classes or use a datamodule that provides num_classes")
+        self.hparams.num_classes = int(num_classes)
+        if self.hparams.class_names is None and getattr(datamodule, "class_names", None):
+            self.hparams.class_names = list(datamodule.class_names)
+        self._build(int(num_classes))
+
+    def _make_mix(self, num_classes: int) -> v2.Transform | None:
+        hp = self.hparams
+        choices, probs = [], []
+        if hp.mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=hp.mixup_alpha, num_classes=num_classes))
+            probs.append(1.0 - hp.mixup_switch_prob if hp.cutmix_alpha > 0 else 1.0)
+        if hp.cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=hp.cutmix_alpha, num_classes=num_classes))
+            probs.append(hp.mixup_switch_prob if hp.mixup_alpha > 0 else 1.0)
+        if not choices or hp.mixup_prob <= 0:
+            return None
+        mix = v2.RandomChoice(choices, p=probs)
+        return v2.RandomApply([mix], p=hp.mixup_prob) if hp.mixup_prob < 1 else mix
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def _eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    # -------------------------------------------------------------- training
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
+        targets = labels
+        if self.mix is not None:
+            images, targets = self.mix(images, labels)
+        logits = self.model(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Non-finite training loss {loss.item()} at global step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        if self.mix is None:
+            self.train_acc(logits, labels)
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(images))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        images, labels = batch[0], batch[1]
+        logits = self._eval_model()(images)
+        loss = F.cross_entropy(logits, labels)
+        acc1, acc5 = getattr(self, f"{stage}_acc1"), getattr(self, f"{stage}_acc5")
+        acc1(logits, labels)
+        acc5(logits, labels)
+        bs = len(images)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=bs)
+        self.log(f"{stage}/acc1", acc1, prog_bar=True, batch_size=bs)
+        self.log(f"{stage}/acc5", acc5, batch_size=bs)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict]:
+        images, paths = batch[0], batch[1]
+        probs = self._eval_model()(images).softmax(-1)
+        top = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        names = self.hparams.class_names
+        results = []
+        for path, scores, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
+            labels = [names[i] if names else str(i) for i in indices]
+            results.append({"file": str(path), "top5": [{"class_id": i, "label": lab, "score": round(s, 6)}
+                                                         for i, lab, s in zip(indices, labels, scores)]})
+        return results
+
+    def on_predict_epoch_end(self) -> None:
+        out_dir = self.hparams.predict_output_dir
+        if not out_dir:
+            return
+        results = [r for batch in self.trainer.predict_loop.predictions for r in batch] \
+            if self.trainer.predict_loop.predictions else []
+        path = Path(out_dir) / f"predictions_rank{self.global_rank}.json" if self.trainer.world_size > 1 \
+            else Path(out_dir) / "predictions.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+        log.info("Wrote %d predictions to %s", len(results), path)
+
+    # ------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        groups = param_groups(self.model.named_parameters(), hp.weight_decay)
+        total_batch = self._total_batch_size()
+        base_lr = hp.lr * total_batch / hp.lr_reference_batch if hp.lr_reference_batch else hp.lr
+        scale = base_lr / hp.lr
+        warmup_lr, min_lr = hp.warmup_lr * scale, hp.min_lr * scale
+        optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = int(round(hp.warmup_epochs * total / epochs))
+        schedule = partial(warmup_cosine, total_steps=total, warmup_steps=warmup, base_lr=base_lr,
+                           warmup_lr=warmup_lr, min_lr=min_lr)
+        scheduler = LambdaLR(optimizer, lambda step: schedule(step) / base_lr)
+        log.info("AdamW peak lr %.3g (total batch %d), %d warmup of %d steps", base_lr, total_batch, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_batch_size(self) -> int:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(datamodule, "batch_size", None) or 1
+        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1)
+        return int(per_device) * self.trainer.world_size * accumulate
+
+    def configure_callbacks(self) -> list[Callback]:
+        return default_task_callbacks(self.trainer, monitor="val/acc1", mode="max")
