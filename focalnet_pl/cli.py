@@ -5,6 +5,7 @@ LightningDataModule), so one CLI serves classification, detection and segmentati
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
 import torch
@@ -22,10 +23,22 @@ class FocalNetCLI(LightningCLI):
         )
 
 
+#: subcommands beyond Lightning's fit/validate/test/predict: name -> module with ``main(argv)``
+EXTRA_COMMANDS = {
+    "sweep": "focalnet_pl.sweep",
+    "export": "focalnet_pl.export",
+    "modulation-maps": "focalnet_pl.visualize.modulation",
+}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``cli.py`` and the ``focalnet-pl`` console script."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] in EXTRA_COMMANDS:
+        importlib.import_module(EXTRA_COMMANDS[args[0]]).main(args[1:])
+        return
     torch.set_float32_matmul_precision("high")
-    FocalNetCLI(args=args if args is not None else sys.argv[1:])
+    FocalNetCLI(args=args)
 
 
 if __name__ == "__main__":
