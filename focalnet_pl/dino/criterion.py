@@ -1,0 +1,111 @@
+"""DINO's set-prediction losses: sigmoid focal class loss, L1 and GIoU box losses.
+
+Every decoder layer (final + auxiliary), the selected encoder proposals ("interm") and the
+denoising queries ("dn") get the same three losses; matching is Hungarian except for the
+denoising queries, whose targets are known by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+from focalnet_pl.dino.denoising import DenoisingMeta
+from focalnet_pl.dino.matcher import HungarianMatcher
+
+Prediction = dict[str, Tensor]  # "pred_logits" (B, Q, K), "pred_boxes" (B, Q, 4)
+
+
+class SetCriterion(nn.Module):
+    """Weighted DINO losses; returns a dict of already-weighted terms whose sum is the training loss."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        class_weight: float = 1.0,
+        bbox_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def matched_losses(self, prediction: Prediction, targets: list[dict[str, Tensor]],
+                       indices: list[tuple[Tensor, Tensor]], num_boxes: float) -> dict[str, Tensor]:
+        """Unweighted class / L1 / GIoU losses of one prediction set for the given query-target pairs."""
+        logits, boxes = prediction["pred_logits"], prediction["pred_boxes"]
+        device = logits.device
+        batch_index = torch.cat([torch.full_like(q, image) for image, (q, _) in enumerate(indices)]).to(device)
+        query_index = torch.cat([q for q, _ in indices]).to(device)
+        matched_labels = torch.cat([t["labels"][tg.to(t["labels"].device)] for t, (_, tg) in zip(targets, indices)])
+        matched_targets = torch.cat([t["boxes"][tg.to(t["boxes"].device)] for t, (_, tg) in zip(targets, indices)])
+
+        one_hot = torch.zeros_like(logits)
+        one_hot[batch_index, query_index, matched_labels.to(device)] = 1.0
+        loss_class = sigmoid_focal_loss(
+            logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+        ) / num_boxes
+
+        matched_boxes = boxes[batch_index, query_index]
+        matched_targets = matched_targets.to(device, matched_boxes.dtype)
+        loss_bbox = (matched_boxes - matched_targets).abs().sum() / num_boxes
+        giou = torch.diag(generalized_box_iou(
+            box_convert(matched_boxes, "cxcywh", "xyxy"), box_convert(matched_targets, "cxcywh", "xyxy")
+        ))
+        loss_giou = (1 - giou).sum() / num_boxes
+        return {"loss_class": loss_class, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def _weighted(self, losses: dict[str, Tensor], suffix: str) -> dict[str, Tensor]:
+        return {f"{name}{suffix}": value * self.weights[name] for name, value in losses.items()}
+
+    @staticmethod
+    def _average_num_boxes(count: int, device: torch.device) -> float:
+        total = torch.tensor([float(count)], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+            total = total / dist.get_world_size()
+        return max(total.item(), 1.0)
+
+    def forward(
+        self,
+        outputs: Prediction,
+        aux_outputs: list[Prediction],
+        interm_outputs: Prediction | None,
+        dn_outputs: list[Prediction] | None,
+        dn_meta: DenoisingMeta | None,
+        targets: list[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """Losses of the final layer (no suffix), ``aux_outputs[i]`` (``_i``), the encoder proposals
+        (``_interm``) and the denoising queries of every layer (``_dn`` last layer, ``_dn_i``)."""
+        device = outputs["pred_logits"].device
+        num_boxes = self._average_num_boxes(sum(len(t["labels"]) for t in targets), device)
+        losses: dict[str, Tensor] = {}
+        sets = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(aux_outputs)]
+        if interm_outputs is not None:
+            sets.append(("_interm", interm_outputs))
+        for suffix, prediction in sets:
+            indices = self.matcher(prediction["pred_logits"], prediction["pred_boxes"], targets)
+            losses.update(self._weighted(self.matched_losses(prediction, targets, indices, num_boxes), suffix))
+
+        if dn_outputs is not None:
+            dn_suffixes = [f"_dn_{i}" for i in range(len(dn_outputs) - 1)] + ["_dn"]
+            if dn_meta is None:
+                # nothing to denoise in this batch: zero terms keep the logged keys and the graph stable
+                for suffix, prediction in zip(dn_suffixes, dn_outputs):
+                    zero = prediction["pred_boxes"].sum() * 0.0
+                    losses.update({f"{name}{suffix}": zero for name in self.weights})
+            else:
+                indices = [dn_meta.positive_indices(image) for image in range(len(targets))]
+                dn_num_boxes = num_boxes * dn_meta.groups
+                for suffix, prediction in zip(dn_suffixes, dn_outputs):
+                    raw = self.matched_losses(prediction, targets, indices, dn_num_boxes)
+                    losses.update(self._weighted(raw, suffix))
+        return losses

@@ -1,0 +1,299 @@
+"""DINO's deformable transformer: encoder, query selection and the box-refining decoder."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from focalnet_pl.dino.box_ops import inverse_sigmoid
+from focalnet_pl.layers import MultiScaleDeformableAttention
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class PositionEmbeddingSine(nn.Module):
+    """2-D sine/cosine embedding of the (normalised) pixel position of every unpadded location."""
+
+    def __init__(self, num_pos_feats: int, temperature: float = 20.0, scale: float = 2 * math.pi) -> None:
+        super().__init__()
+        self.num_pos_feats = num_pos_feats
+        self.temperature = temperature
+        self.scale = scale
+
+    def forward(self, padding_mask: Tensor) -> Tensor:
+        """``padding_mask (B, H, W)`` True at padding -> ``(B, 2 * num_pos_feats, H, W)``."""
+        valid = (~padding_mask).float()
+        y = valid.cumsum(1)
+        x = valid.cumsum(2)
+        eps = 1e-6
+        y = y / (y[:, -1:, :] + eps) * self.scale
+        x = x / (x[:, :, -1:] + eps) * self.scale
+        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=padding_mask.device)
+        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
+        pos_x = x[..., None] / dim_t
+        pos_y = y[..., None] / dim_t
+        pos_x = torch.stack([pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()], dim=4).flatten(3)
+        pos_y = torch.stack([pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()], dim=4).flatten(3)
+        return torch.cat([pos_y, pos_x], dim=3).permute(0, 3, 1, 2)
+
+
+def box_sine_embedding(boxes: Tensor, hidden_dim: int, temperature: float = 10000.0) -> Tensor:
+    """Sine embedding of normalised ``(cx, cy, w, h)`` boxes ``(..., 4)`` -> ``(..., 2 * hidden_dim)``."""
+    feats = hidden_dim // 2
+    dim_t = torch.arange(feats, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / feats)
+    scaled = boxes[..., None].float() * (2 * math.pi) / dim_t  # (..., 4, feats)
+    embedded = torch.stack([scaled[..., 0::2].sin(), scaled[..., 1::2].cos()], dim=-1).flatten(-2)
+    cx, cy, w, h = embedded.unbind(-2)
+    return torch.cat([cy, cx, w, h], dim=-1).to(boxes.dtype)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, hidden_dim: int, ffn_dim: int, dropout: float, heads: int, levels: int, points: int) -> None:
+        super().__init__()
+        self.self_attn = MultiScaleDeformableAttention(hidden_dim, heads, levels, points)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden_dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, hidden_dim)
+        )
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, shapes: Tensor, starts: Tensor,
+                padding_mask: Tensor) -> Tensor:
+        attended = self.self_attn(src + pos, reference_points, src, shapes, starts, padding_mask)
+        src = self.norm1(src + self.dropout(attended))
+        return self.norm2(src + self.dropout(self.ffn(src)))
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention among queries, deformable cross-attention into the memory, FFN (post-norm)."""
+
+    def __init__(self, hidden_dim: int, ffn_dim: int, dropout: float, heads: int, levels: int, points: int) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(hidden_dim, heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.cross_attn = MultiScaleDeformableAttention(hidden_dim, heads, levels, points)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden_dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, hidden_dim)
+        )
+        self.norm3 = nn.LayerNorm(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor, shapes: Tensor,
+                starts: Tensor, memory_padding_mask: Tensor, attn_mask: Tensor | None) -> Tensor:
+        q = k = tgt + query_pos
+        attended = self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]
+        tgt = self.norm1(tgt + self.dropout(attended))
+        attended = self.cross_attn(tgt + query_pos, reference_points, memory, shapes, starts, memory_padding_mask)
+        tgt = self.norm2(tgt + self.dropout(attended))
+        return self.norm3(tgt + self.dropout(self.ffn(tgt)))
+
+
+@dataclass
+class TransformerOutput:
+    hidden_states: list[Tensor]  # per decoder layer (B, N, D), after the final decoder LayerNorm
+    boxes: list[Tensor]  # per decoder layer, normalised (cx, cy, w, h) (B, N, 4), look-forward-twice refined
+    encoder_logits: Tensor | None  # (B, num_queries, K) class logits of the selected encoder proposals
+    encoder_boxes: Tensor | None  # (B, num_queries, 4) their (undetached) boxes
+
+
+class DeformableTransformer(nn.Module):
+    """Deformable encoder over the flattened multi-scale features and a decoder refining anchor boxes.
+
+    ``class_head`` and ``box_head`` are the prediction heads shared by all decoder layers (the box
+    refinement needs them inside the decoder); the encoder proposals have their own heads.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        num_levels: int,
+        enc_layers: int,
+        dec_layers: int,
+        ffn_dim: int,
+        dropout: float,
+        enc_points: int,
+        dec_points: int,
+        num_queries: int,
+        num_classes: int,
+        two_stage: bool,
+        class_head: nn.Linear,
+        box_head: MLP,
+    ) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.num_levels = num_levels
+        self.num_queries = num_queries
+        self.two_stage = two_stage
+        encoder_layer = EncoderLayer(hidden_dim, ffn_dim, dropout, num_heads, num_levels, enc_points)
+        decoder_layer = DecoderLayer(hidden_dim, ffn_dim, dropout, num_heads, num_levels, dec_points)
+        self.encoder_layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(enc_layers))
+        self.decoder_layers = nn.ModuleList(copy.deepcopy(decoder_layer) for _ in range(dec_layers))
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.query_pos_head = MLP(2 * hidden_dim, hidden_dim, hidden_dim, 2)
+        self.level_embed = nn.Parameter(torch.empty(num_levels, hidden_dim))
+        nn.init.normal_(self.level_embed)
+        self.class_head = class_head
+        self.box_head = box_head
+        self.content_queries = nn.Embedding(num_queries, hidden_dim)
+        if two_stage:
+            self.proposal_proj = nn.Linear(hidden_dim, hidden_dim)
+            self.proposal_norm = nn.LayerNorm(hidden_dim)
+            self.proposal_class_head = copy.deepcopy(class_head)
+            self.proposal_box_head = copy.deepcopy(box_head)
+        else:
+            self.anchor_boxes = nn.Embedding(num_queries, 4)
+            nn.init.uniform_(self.anchor_boxes.weight[:, :2], -2.0, 2.0)
+            nn.init.constant_(self.anchor_boxes.weight[:, 2:], inverse_sigmoid(torch.tensor(0.1)).item())
+
+    def num_selected_queries(self, num_tokens: int) -> int:
+        """Matching queries used for a memory of ``num_tokens`` (all of them unless the memory is smaller)."""
+        return min(self.num_queries, num_tokens)
+
+    @staticmethod
+    def valid_ratios(padding_mask: Tensor) -> Tensor:
+        """``(B, 2)`` fraction (x, y) of each level's map covered by the image (not padding)."""
+        _, height, width = padding_mask.shape
+        valid_h = (~padding_mask[:, :, 0]).sum(1).float() / height
+        valid_w = (~padding_mask[:, 0, :]).sum(1).float() / width
+        return torch.stack([valid_w, valid_h], -1)
+
+    @staticmethod
+    def encoder_reference_points(shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+        """Pixel centres of every level, normalised by the valid area -> ``(B, S, L, 2)``."""
+        points = []
+        for level, (height, width) in enumerate(shapes.tolist()):
+            ys, xs = torch.meshgrid(
+                torch.arange(height, device=valid_ratios.device, dtype=torch.float32) + 0.5,
+                torch.arange(width, device=valid_ratios.device, dtype=torch.float32) + 0.5,
+                indexing="ij",
+            )
+            x = xs.reshape(1, -1) / (valid_ratios[:, None, level, 0] * width)
+            y = ys.reshape(1, -1) / (valid_ratios[:, None, level, 1] * height)
+            points.append(torch.stack([x, y], -1))
+        points = torch.cat(points, 1)
+        return points[:, :, None] * valid_ratios[:, None]
+
+    def encoder_proposals(self, memory: Tensor, padding_mask: Tensor, shapes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One anchor per memory position (its pixel, size 0.05 * 2**level) and the projected memory.
+
+        Returns ``(projected memory (B, S, D), proposals in logit space (B, S, 4), valid (B, S) bool)``.
+        """
+        batch = memory.shape[0]
+        proposals = []
+        start = 0
+        for level, (height, width) in enumerate(shapes.tolist()):
+            level_mask = padding_mask[:, start:start + height * width].view(batch, height, width)
+            valid_h = (~level_mask[:, :, 0]).sum(1).float()
+            valid_w = (~level_mask[:, 0, :]).sum(1).float()
+            ys, xs = torch.meshgrid(
+                torch.arange(height, device=memory.device, dtype=torch.float32) + 0.5,
+                torch.arange(width, device=memory.device, dtype=torch.float32) + 0.5,
+                indexing="ij",
+            )
+            centres = torch.stack([xs, ys], -1)[None] / torch.stack([valid_w, valid_h], -1)[:, None, None]
+            sizes = torch.full_like(centres, 0.05 * 2.0**level)
+            proposals.append(torch.cat([centres, sizes], -1).view(batch, -1, 4))
+            start += height * width
+        proposals = torch.cat(proposals, 1)
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1) & ~padding_mask
+        projected = memory.masked_fill(~valid[..., None], 0.0)
+        projected = self.proposal_norm(self.proposal_proj(projected))
+        return projected, inverse_sigmoid(proposals), valid
+
+    def forward(
+        self,
+        features: list[Tensor],
+        padding_masks: list[Tensor],
+        positions: list[Tensor],
+        dn_content: Tensor | None,
+        dn_boxes_unsigmoid: Tensor | None,
+        attn_mask: Tensor | None,
+    ) -> TransformerOutput:
+        """``features[l] (B, D, H_l, W_l)`` with their padding masks and position embeddings."""
+        shapes = torch.as_tensor([f.shape[-2:] for f in features], dtype=torch.long, device=features[0].device)
+        starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+        src = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)
+        padding_mask = torch.cat([m.flatten(1) for m in padding_masks], 1)
+        pos = torch.cat(
+            [p.flatten(2).transpose(1, 2) + self.level_embed[level] for level, p in enumerate(positions)], 1
+        )
+        valid_ratios = torch.stack([self.valid_ratios(m) for m in padding_masks], 1)  # (B, L, 2)
+
+        memory = src
+        reference_points = self.encoder_reference_points(shapes, valid_ratios)
+        for layer in self.encoder_layers:
+            memory = layer(memory, pos, reference_points, shapes, starts, padding_mask)
+
+        batch = memory.shape[0]
+        num_select = self.num_selected_queries(memory.shape[1])
+        encoder_logits = encoder_boxes = None
+        if self.two_stage:
+            projected, proposals, valid = self.encoder_proposals(memory, padding_mask, shapes)
+            proposal_logits = self.proposal_class_head(projected)
+            proposal_boxes = self.proposal_box_head(projected) + proposals
+            score = proposal_logits.max(-1).values.masked_fill(~valid, float("-inf"))
+            chosen = score.topk(num_select, dim=1).indices
+            boxes_unsigmoid = proposal_boxes.gather(1, chosen[..., None].expand(-1, -1, 4))
+            encoder_logits = proposal_logits.gather(1, chosen[..., None].expand(-1, -1, proposal_logits.shape[-1]))
+            encoder_boxes = boxes_unsigmoid.sigmoid()
+            anchors_unsigmoid = boxes_unsigmoid.detach()
+        else:
+            anchors_unsigmoid = self.anchor_boxes.weight[None, :num_select].expand(batch, -1, -1)
+        content = self.content_queries.weight[None, :num_select].expand(batch, -1, -1)
+
+        if dn_content is not None:
+            content = torch.cat([dn_content, content], 1)
+            anchors_unsigmoid = torch.cat([dn_boxes_unsigmoid, anchors_unsigmoid], 1)
+            if attn_mask is not None and attn_mask.shape[0] != content.shape[1]:
+                raise ValueError(f"attn_mask of size {attn_mask.shape[0]} for {content.shape[1]} queries")
+
+        hidden_states, boxes = self.decode(content, anchors_unsigmoid.sigmoid(), memory, padding_mask, shapes,
+                                           starts, valid_ratios, attn_mask)
+        return TransformerOutput(hidden_states, boxes, encoder_logits, encoder_boxes)
+
+    def decode(self, tgt: Tensor, anchors: Tensor, memory: Tensor, padding_mask: Tensor, shapes: Tensor,
+               starts: Tensor, valid_ratios: Tensor, attn_mask: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+        """Run the decoder with box refinement.
+
+        Look forward twice: each layer's predicted box is ``sigmoid(delta + logit(previous box))`` with the
+        *undetached* previous box, so the loss of layer ``i`` also trains layer ``i - 1``'s box; the box fed
+        to the next layer as its reference is detached.
+        """
+        hidden_states, boxes = [], []
+        reference = anchors.detach()
+        previous = anchors
+        scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, L, 4)
+        for layer in self.decoder_layers:
+            reference_input = reference[:, :, None] * scale
+            query_pos = self.query_pos_head(box_sine_embedding(reference_input[:, :, 0], self.hidden_dim))
+            tgt = layer(tgt, query_pos, reference_input, memory, shapes, starts, padding_mask, attn_mask)
+            normed = self.decoder_norm(tgt)
+            box = (self.box_head(normed) + inverse_sigmoid(previous)).sigmoid()
+            hidden_states.append(normed)
+            boxes.append(box)
+            previous = box
+            reference = box.detach()
+        return hidden_states, boxes

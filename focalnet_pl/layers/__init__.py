@@ -1,0 +1,19 @@
+"""Reusable neural-network layers shared by the detection and segmentation heads."""
+
+from focalnet_pl.layers.ms_deform_attn import (
+    FusedKernel,
+    MultiScaleDeformableAttention,
+    get_fused_kernel,
+    ms_deform_attn_sample,
+    ms_deform_attn_sample_pytorch,
+    register_fused_kernel,
+)
+
+__all__ = [
+    "FusedKernel",
+    "MultiScaleDeformableAttention",
+    "get_fused_kernel",
+    "ms_deform_attn_sample",
+    "ms_deform_attn_sample_pytorch",
+    "register_fused_kernel",
+]
