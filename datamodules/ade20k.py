@@ -1,0 +1,129 @@
+"""ADE20K (SceneParsing, ``ADEChallengeData2016``) semantic and panoptic segmentation.
+
+* Semantic: ``root/ADEChallengeData2016/images/{training,validation}/*.jpg`` with label PNGs of the
+  same stem in ``annotations/{training,validation}``; label 0 is "other" (ignored, becomes 255),
+  labels 1..150 become classes 0..149.
+* Panoptic (converted with Mask2Former's ``prepare_ade20k_pan_seg.py``):
+  ``ADEChallengeData2016/ade20k_panoptic_{train,val}.json`` and PNG folders ``ade20k_panoptic_{train,val}/``.
+
+Recipe defaults are Mask2Former's: multi-scale (0.5-2.0) resize, 512 crops (640 for the large
+models, set ``crop_size``), photometric distortion and flips; evaluation at shortest side ``crop_size``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
+
+from datamodules.coco_panoptic import PanopticDataModule
+from datamodules.demo_shapes import ADE_CLASS_NAMES, ensure_demo_shapes
+from datamodules.image_io import list_image_files
+from datamodules.segmentation import Augmentation, SegmentationClasses, SegmentationDataModule
+
+__all__ = ["ADE20KPanopticDataModule", "ADE20KSemanticDataModule", "list_ade_pairs"]
+
+_ADE_SPLITS = {"train": "training", "val": "validation", "test": "validation"}
+
+
+def list_ade_pairs(dataset_root: str | Path, split: str) -> list[dict]:
+    """Image/label record pairs of an ADE-style split; an image without its label PNG is an error."""
+    dataset_root = Path(dataset_root)
+    image_dir = dataset_root / "images" / split
+    label_dir = dataset_root / "annotations" / split
+    for folder in (image_dir, label_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"ADE20K folder {folder} does not exist")
+    images, _ = list_image_files(image_dir, recursive=False)
+    if not images:
+        raise FileNotFoundError(f"no images in {image_dir}")
+    records = []
+    for image in images:
+        label = label_dir / f"{image.stem}.png"
+        if not label.is_file():
+            raise FileNotFoundError(f"image {image} has no label PNG {label}")
+        records.append({"file_name": str(image), "sem_seg_file_name": str(label), "image_id": image.stem})
+    return records
+
+
+class ADE20KSemanticDataModule(SegmentationDataModule):
+    """ADE20K semantic segmentation (150 classes) under ``root/ADEChallengeData2016``.
+
+    ``demo=True`` uses the ADE-style part of the generated demo shapes (7 classes); ``class_names``
+    overrides the label space for other ADE-format datasets.
+    """
+
+    task = "semantic"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        demo: bool = False,
+        class_names: list[str] | None = None,
+        augmentation: Augmentation = "ade",
+        crop_size: int = 512,
+        min_scale: float = 0.5,
+        max_scale: float = 2.0,
+        photometric: bool = True,
+        test_size: int = 512,
+        test_max_size: int = 2048,
+        predict_images: str | None = None,
+        batch_size: int = 2,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+    ) -> None:
+        super().__init__(augmentation, crop_size, min_scale, max_scale, photometric, test_size, test_max_size,
+                         predict_images, batch_size, eval_batch_size, num_workers)
+        if root is None and not demo:
+            raise ValueError("ADE20KSemanticDataModule needs root=... or demo=True")
+        self._demo_root = Path(root or "data/demo_shapes") if demo else None
+        self.dataset_root = (self._demo_root / "ade" if demo else Path(root)) / "ADEChallengeData2016"  # type: ignore[arg-type]
+        if class_names is None:
+            class_names = list(ADE_CLASS_NAMES) if demo else list(ADE20K_SEM_SEG_CATEGORIES)
+        self.class_names = list(class_names)
+        if demo:
+            ensure_demo_shapes(self._demo_root)
+
+    def prepare_data(self) -> None:
+        if self._demo_root is not None:
+            ensure_demo_shapes(self._demo_root)
+
+    def load_classes(self) -> SegmentationClasses:
+        return SegmentationClasses(names=self.class_names, is_thing=[False] * len(self.class_names))
+
+    def records(self, split: Literal["train", "val", "test"]) -> list[dict]:
+        return list_ade_pairs(self.dataset_root, _ADE_SPLITS[split])
+
+
+class ADE20KPanopticDataModule(PanopticDataModule):
+    """ADE20K panoptic (150 categories: 100 things, 50 stuff) under ``root/ADEChallengeData2016``."""
+
+    def __init__(
+        self,
+        root: str,
+        augmentation: Augmentation = "ade",
+        crop_size: int = 640,
+        min_scale: float = 0.5,
+        max_scale: float = 2.0,
+        photometric: bool = True,
+        test_size: int = 640,
+        test_max_size: int = 2560,
+        predict_images: str | None = None,
+        batch_size: int = 2,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+    ) -> None:
+        base = Path(root) / "ADEChallengeData2016"
+        super().__init__(
+            train_json=str(base / "ade20k_panoptic_train.json"),
+            train_images=str(base / "images" / "training"),
+            train_panoptic=str(base / "ade20k_panoptic_train"),
+            val_json=str(base / "ade20k_panoptic_val.json"),
+            val_images=str(base / "images" / "validation"),
+            val_panoptic=str(base / "ade20k_panoptic_val"),
+            augmentation=augmentation, crop_size=crop_size, min_scale=min_scale, max_scale=max_scale,
+            photometric=photometric, test_size=test_size, test_max_size=test_max_size,
+            predict_images=predict_images, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+        )

@@ -1,0 +1,414 @@
+"""Shared pieces of the segmentation datamodules (ADE20K semantic/panoptic, COCO panoptic).
+
+* :class:`SegmentationClasses` describes the label space (names, things vs stuff, colours, the
+  dataset's category ids) and gives detectron2 :class:`Metadata` for visualisation.
+* :class:`SegmentationMapper` turns a record into a Mask2Former input: the augmented image and, for
+  training, ``instances`` (one binary mask per semantic class, or per non-crowd panoptic segment);
+  for evaluation, the untouched ground truth (``sem_seg_gt``, ``pan_seg_gt`` + ``segments_info``).
+  Label files are checked against their image and annotation; errors name both files.
+* :func:`build_segmentation_augmentations`: the ADE20K recipe (multi-scale resize to 0.5-2.0 x the
+  crop, random crop, photometric distortion, flip) and COCO's large-scale jitter.
+* :class:`SegmentationDataModule`: loaders, metadata and the predict split; subclasses list records.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from detectron2.data import Metadata
+from detectron2.data import transforms as T
+from detectron2.structures import Instances
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from datamodules.coco import MappedDataset, list_of_dicts_loader
+from datamodules.image_io import list_image_files, read_image_rgb
+
+__all__ = [
+    "IGNORE_LABEL",
+    "LabelFileError",
+    "PhotometricDistortion",
+    "SegmentationClasses",
+    "SegmentationDataModule",
+    "SegmentationMapper",
+    "build_segmentation_augmentations",
+    "read_label_png",
+    "read_panoptic_png",
+]
+
+IGNORE_LABEL = 255
+Augmentation = Literal["ade", "lsj", "none"]
+
+
+class LabelFileError(ValueError):
+    """A label/panoptic PNG does not fit its image or its annotation (the message names the files)."""
+
+
+@dataclass
+class SegmentationClasses:
+    """Label space: contiguous class ``i`` is ``names[i]`` (dataset category id ``dataset_ids[i]``)."""
+
+    names: list[str]
+    is_thing: list[bool]
+    dataset_ids: list[int] = field(default_factory=list)
+    colors: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.is_thing) != len(self.names):
+            raise ValueError(f"{len(self.names)} class names but {len(self.is_thing)} is_thing flags")
+        if not self.dataset_ids:
+            self.dataset_ids = list(range(len(self.names)))
+        if not self.colors:
+            self.colors = [
+                tuple(int(255 * c) for c in colorsys.hsv_to_rgb((0.618034 * i) % 1.0, 0.65, 0.95))
+                for i in range(len(self.names))
+            ]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def thing_class_ids(self) -> list[int]:
+        """Contiguous ids of the thing classes."""
+        return [i for i, thing in enumerate(self.is_thing) if thing]
+
+    def metadata(self, name: str = "segmentation") -> Metadata:
+        """detectron2 metadata in the convention of Mask2Former's panoptic datasets (contiguous ids
+        index both ``thing_classes`` and ``stuff_classes``)."""
+        metadata = Metadata(name=name)
+        metadata.set(
+            thing_classes=list(self.names),
+            stuff_classes=list(self.names),
+            thing_colors=[tuple(c) for c in self.colors],
+            stuff_colors=[tuple(c) for c in self.colors],
+            thing_dataset_id_to_contiguous_id={d: i for i, d in enumerate(self.dataset_ids) if self.is_thing[i]},
+            stuff_dataset_id_to_contiguous_id={d: i for i, d in enumerate(self.dataset_ids)},
+            ignore_label=IGNORE_LABEL,
+        )
+        return metadata
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """A single-channel label PNG as a (H, W) uint8 array (errors name the file)."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P", "I", "I;16"):
+                raise LabelFileError(f"label PNG {path} has mode {image.mode}; expected one channel (L or P)")
+            array = np.asarray(image)
+    except (OSError, SyntaxError) as error:
+        raise LabelFileError(f"cannot read label PNG {path}: {error}") from error
+    if array.max(initial=0) > 255:
+        raise LabelFileError(f"label PNG {path} has values > 255")
+    return array.astype(np.uint8)
+
+
+def read_panoptic_png(path: str | Path) -> np.ndarray:
+    """A panopticapi PNG (id = R + 256 G + 256^2 B) as a (H, W) int64 segment-id map."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB")).astype(np.int64)
+    except (OSError, SyntaxError) as error:
+        raise LabelFileError(f"cannot read panoptic PNG {path}: {error}") from error
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+class PhotometricDistortion(T.Augmentation):
+    """SSD-style colour jitter, each step with probability 1/2: brightness (+-``brightness_delta``),
+    contrast and saturation (x ``[lower, upper]``) and hue (+-``hue_delta`` degrees). RGB input."""
+
+    def __init__(self, brightness_delta: float = 32.0, contrast: tuple[float, float] = (0.5, 1.5),
+                 saturation: tuple[float, float] = (0.5, 1.5), hue_delta: float = 18.0) -> None:
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        rng = np.random
+        brightness = rng.uniform(-self.brightness_delta, self.brightness_delta) if rng.rand() < 0.5 else 0.0
+        contrast = rng.uniform(*self.contrast) if rng.rand() < 0.5 else 1.0
+        saturation = rng.uniform(*self.saturation) if rng.rand() < 0.5 else 1.0
+        hue = rng.uniform(-self.hue_delta, self.hue_delta) if rng.rand() < 0.5 else 0.0
+
+        def distort(array: np.ndarray) -> np.ndarray:
+            out = array.astype(np.float32) + brightness
+            out = out * contrast
+            if saturation != 1.0:
+                gray = out @ np.array([0.299, 0.587, 0.114], np.float32)
+                out = gray[..., None] + (out - gray[..., None]) * saturation
+            out = np.clip(out, 0, 255).astype(np.uint8)
+            if hue != 0.0:
+                hsv = np.asarray(Image.fromarray(out).convert("HSV")).copy()
+                hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + int(round(hue / 360 * 256))) % 256).astype(np.uint8)
+                out = np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB"))
+            return out
+
+        return T.ColorTransform(distort)
+
+
+def build_segmentation_augmentations(
+    is_train: bool,
+    augmentation: Augmentation,
+    crop_size: int,
+    seg_pad_value: int,
+    min_scale: float = 0.5,
+    max_scale: float = 2.0,
+    photometric: bool = True,
+    test_size: int = 512,
+    test_max_size: int = 2048,
+) -> list[T.Augmentation]:
+    """Training / evaluation augmentations.
+
+    * ``ade`` (Mask2Former ADE20K): shortest side from ``{0.5, 0.6, ..., 2.0} x crop_size`` (long side
+      <= 4 x crop_size), random ``crop_size`` crop, photometric distortion, horizontal flip;
+    * ``lsj`` (COCO large-scale jitter): resize to ``[min_scale, max_scale] x crop_size``, random crop /
+      pad to ``crop_size`` (segmentation pad ``seg_pad_value``), flip;
+    * ``none`` and evaluation: shortest side ``test_size`` (long side <= ``test_max_size``).
+    """
+    if not is_train or augmentation == "none":
+        return [T.ResizeShortestEdge(test_size, test_max_size)]
+    flip = T.RandomFlip(horizontal=True)
+    colour = [PhotometricDistortion()] if photometric else []
+    if augmentation == "ade":
+        sizes = sorted({int(round(crop_size * step / 10)) for step in range(int(min_scale * 10), int(max_scale * 10) + 1)})
+        return [
+            T.ResizeShortestEdge(sizes, 4 * crop_size, sample_style="choice"),
+            T.RandomCrop("absolute", (crop_size, crop_size)),
+            *colour,
+            flip,
+        ]
+    if augmentation == "lsj":
+        return [
+            T.ResizeScale(min_scale, max_scale, crop_size, crop_size),
+            T.FixedSizeCrop((crop_size, crop_size), pad_value=128.0, seg_pad_value=seg_pad_value),
+            *colour,
+            flip,
+        ]
+    raise ValueError(f"unknown augmentation {augmentation!r}; use 'ade', 'lsj' or 'none'")
+
+
+def _check_same_size(image: np.ndarray, label: np.ndarray, image_file: str, label_file: str) -> None:
+    if image.shape[:2] != label.shape[:2]:
+        raise LabelFileError(
+            f"label {label_file} is {label.shape[1]}x{label.shape[0]} but its image {image_file} is "
+            f"{image.shape[1]}x{image.shape[0]}"
+        )
+
+
+class SegmentationMapper:
+    """Record -> model input (see the module docstring).
+
+    Records carry ``file_name`` and ``image_id`` plus either ``sem_seg_file_name`` (ADE-style PNG:
+    0 = unlabelled, class ``i`` stored as ``i + 1``) or ``pan_seg_file_name`` + ``segments_info``
+    (contiguous ``category_id``, ``iscrowd``) + ``json_file``; records with neither are images to predict.
+    """
+
+    def __init__(self, augmentations: list[T.Augmentation], is_train: bool, classes: SegmentationClasses) -> None:
+        self.augmentations = T.AugmentationList(augmentations)
+        self.is_train = is_train
+        self.classes = classes
+
+    def _semantic_label(self, record: dict, image: np.ndarray) -> np.ndarray:
+        label = read_label_png(record["sem_seg_file_name"])
+        _check_same_size(image, label, record["file_name"], record["sem_seg_file_name"])
+        too_large = label > self.classes.num_classes
+        if too_large.any():
+            raise LabelFileError(
+                f"label {record['sem_seg_file_name']} (image {record['file_name']}) has values "
+                f"{sorted(np.unique(label[too_large]).tolist())[:10]} above the {self.classes.num_classes} classes"
+            )
+        # 0 (unlabelled) -> 255 via uint8 wrap-around, class i + 1 -> i
+        return label - np.uint8(1)
+
+    def _panoptic_ids(self, record: dict, image: np.ndarray) -> np.ndarray:
+        ids = read_panoptic_png(record["pan_seg_file_name"])
+        _check_same_size(image, ids, record["file_name"], record["pan_seg_file_name"])
+        known = {segment["id"] for segment in record["segments_info"]}
+        unknown = sorted(set(np.unique(ids).tolist()) - known - {0})
+        if unknown:
+            raise LabelFileError(
+                f"panoptic PNG {record['pan_seg_file_name']} has segment ids {unknown[:10]} that its annotation "
+                f"(image_id={record['image_id']}) in {record.get('json_file', '?')} does not list"
+            )
+        return ids
+
+    def _semantic_from_panoptic(self, ids: np.ndarray, segments: list[dict]) -> np.ndarray:
+        semantic = np.full(ids.shape, IGNORE_LABEL, dtype=np.uint8)
+        for segment in segments:
+            semantic[ids == segment["id"]] = segment["category_id"]
+        return semantic
+
+    def __call__(self, record: dict) -> dict[str, Any]:
+        image = np.asarray(read_image_rgb(record["file_name"]))
+        output: dict[str, Any] = {
+            "file_name": record["file_name"],
+            "image_id": record["image_id"],
+            "height": image.shape[0],
+            "width": image.shape[1],
+        }
+        label = ids = None
+        if "sem_seg_file_name" in record:
+            label = self._semantic_label(record, image)
+        elif "pan_seg_file_name" in record:
+            ids = self._panoptic_ids(record, image)
+
+        if not self.is_train:
+            if label is not None:
+                output["sem_seg_gt"] = torch.from_numpy(label.astype(np.int64))
+            if ids is not None:
+                output["pan_seg_gt"] = torch.from_numpy(ids)
+                output["segments_info"] = record["segments_info"]
+                output["sem_seg_gt"] = torch.from_numpy(
+                    self._semantic_from_panoptic(ids, record["segments_info"]).astype(np.int64)
+                )
+            aug_input = T.AugInput(image)
+            self.augmentations(aug_input)
+            output["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+            return output
+
+        segments = [s for s in record.get("segments_info", []) if not s.get("iscrowd", 0)]
+        if ids is not None:
+            # compact index map (0 = void) so nearest-neighbour resizing stays exact
+            index_map = np.zeros(ids.shape, dtype=np.uint8 if len(segments) < 255 else np.float32)
+            for position, segment in enumerate(segments, start=1):
+                index_map[ids == segment["id"]] = position
+            label = index_map
+        aug_input = T.AugInput(image, sem_seg=label)
+        self.augmentations(aug_input)
+        image, label = aug_input.image, aug_input.sem_seg
+        output["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        if label is None:
+            raise ValueError(f"training record {record['file_name']} has no sem_seg_file_name or pan_seg_file_name")
+        label_tensor = torch.as_tensor(np.round(label).astype(np.int64))
+        instances = Instances(image.shape[:2])
+        if ids is None:
+            classes = [c for c in torch.unique(label_tensor).tolist() if c != IGNORE_LABEL]
+            masks = [label_tensor == c for c in classes]
+        else:
+            masks = [label_tensor == position for position in range(1, len(segments) + 1)]
+            classes = [segment["category_id"] for segment in segments]
+            keep = [i for i, m in enumerate(masks) if m.any()]
+            masks, classes = [masks[i] for i in keep], [classes[i] for i in keep]
+        instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
+        instances.gt_masks = (
+            torch.stack(masks) if masks else torch.zeros((0, *image.shape[:2]), dtype=torch.bool)
+        )
+        output["instances"] = instances
+        return output
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Common datamodule logic; subclasses implement :meth:`classes` and :meth:`records`.
+
+    Args:
+        augmentation, crop_size, min_scale, max_scale, photometric, test_size, test_max_size:
+            see :func:`build_segmentation_augmentations`.
+        predict_images: folder of images for ``predict`` (default: the validation split).
+        batch_size: training images per device; ``eval_batch_size`` for val/test/predict.
+    """
+
+    #: "semantic" or "panoptic": the kind of ground truth the evaluation receives.
+    task: str = "semantic"
+    seg_pad_value: int = IGNORE_LABEL
+
+    def __init__(
+        self,
+        augmentation: Augmentation = "ade",
+        crop_size: int = 512,
+        min_scale: float = 0.5,
+        max_scale: float = 2.0,
+        photometric: bool = True,
+        test_size: int = 512,
+        test_max_size: int = 2048,
+        predict_images: str | None = None,
+        batch_size: int = 2,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+    ) -> None:
+        super().__init__()
+        self.augmentation = augmentation
+        self.crop_size = crop_size
+        self.min_scale = min_scale
+        self.max_scale = max_scale
+        self.photometric = photometric
+        self.test_size = test_size
+        self.test_max_size = test_max_size
+        self.predict_images = predict_images
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self._datasets: dict[str, MappedDataset] = {}
+        self._classes: SegmentationClasses | None = None
+
+    # ---- to implement -------------------------------------------------------------------------
+    def load_classes(self) -> SegmentationClasses:
+        raise NotImplementedError
+
+    def records(self, split: Literal["train", "val", "test"]) -> list[dict]:
+        raise NotImplementedError
+
+    # ---- metadata -----------------------------------------------------------------------------
+    @property
+    def classes(self) -> SegmentationClasses:
+        if self._classes is None:
+            self._classes = self.load_classes()
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.classes.num_classes
+
+    @property
+    def metadata(self) -> Metadata:
+        """detectron2 metadata (class names, colours, things) for evaluation and visualisation."""
+        metadata = self.classes.metadata(type(self).__name__)
+        metadata.set(evaluator_type=self.task, thing_class_ids=self.classes.thing_class_ids)
+        return metadata
+
+    # ---- Lightning hooks ----------------------------------------------------------------------
+    def mapper(self, is_train: bool) -> SegmentationMapper:
+        augmentations = build_segmentation_augmentations(
+            is_train, self.augmentation, self.crop_size, self.seg_pad_value, self.min_scale, self.max_scale,
+            self.photometric, self.test_size, self.test_max_size,
+        )
+        return SegmentationMapper(augmentations, is_train, self.classes)
+
+    def setup(self, stage: str) -> None:
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": []}[stage]
+        for split in wanted:
+            if split not in self._datasets:
+                self._datasets[split] = MappedDataset(self.records(split), self.mapper(is_train=split == "train"))
+        if stage == "predict" and "predict" not in self._datasets:
+            if self.predict_images is None:
+                records = self.records("val")
+            else:
+                images, _ = list_image_files(self.predict_images)
+                if not images:
+                    raise FileNotFoundError(f"no image files found in predict_images folder {self.predict_images}")
+                records = [{"file_name": str(path), "image_id": path.stem} for path in images]
+            self._datasets["predict"] = MappedDataset(records, self.mapper(is_train=False))
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self._datasets:
+            raise ValueError(f"no {split} dataset: call setup() for its stage first")
+        batch_size = self.batch_size if train else self.eval_batch_size
+        return list_of_dicts_loader(self._datasets[split], batch_size, self.num_workers, train)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", train=False)
+
