@@ -16,6 +16,18 @@ demo-classification: install
 	$(PY) cli.py fit --config configs/demo/classification_shapes.yaml
 	$(PY) cli.py test --config configs/demo/classification_shapes.yaml --ckpt_path best
 
+demo-dino: install
+	$(PY) cli.py fit --config configs/demo/dino_shapes.yaml
+	$(PY) cli.py test --config configs/demo/dino_shapes.yaml --ckpt_path best
+
+demo-mask-rcnn: install
+	$(PY) cli.py fit --config configs/demo/mask_rcnn_shapes.yaml
+	$(PY) cli.py test --config configs/demo/mask_rcnn_shapes.yaml --ckpt_path best
+
+demo-mask2former: install
+	$(PY) cli.py fit --config configs/demo/mask2former_shapes.yaml
+	$(PY) cli.py test --config configs/demo/mask2former_shapes.yaml --ckpt_path best
+
 test: install
 	$(PY) -m pytest -q
 

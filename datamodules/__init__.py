@@ -1,4 +1,6 @@
 """LightningDataModules and data utilities of focalnet-pl."""
+from importlib import import_module
+from typing import Any
 
 from datamodules.demo_shapes import ensure_demo_shapes, generate_demo_shapes
 from datamodules.image_io import (
@@ -11,7 +13,23 @@ from datamodules.image_io import (
 )
 from datamodules.imagenet import DemoShapesDataModule, ImageNetDataModule
 
+# detectron2-backed datamodules load on first access (importing detectron2 takes a few seconds)
+_LAZY = {
+    "COCODataModule": "datamodules.coco",
+    "COCOPanopticDataModule": "datamodules.coco_panoptic",
+    "ADE20KSemanticDataModule": "datamodules.ade20k",
+    "ADE20KPanopticDataModule": "datamodules.ade20k",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "DemoShapesDataModule",
     "EmptyDatasetError",
     "ImageFilesDataset",

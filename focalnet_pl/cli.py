@@ -7,9 +7,33 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+
+CHECKPOINT_ALIASES = ("best", "last")
+
+
+def resolve_checkpoint_alias(root: str | Path, alias: str) -> Path:
+    """``best`` / ``last`` -> the file of the newest run under ``root`` (``lightning_logs/version_*``).
+
+    Lightning resolves these names only inside the process that trained; a later ``test`` or
+    ``predict`` (or a restart) finds them here. ``best`` is read from the ``ModelCheckpoint`` state
+    stored in that run's ``last.ckpt``.
+    """
+    runs = sorted(Path(root).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"--ckpt_path {alias}: no checkpoints/last.ckpt under {Path(root).resolve()}")
+    last = runs[-1]
+    if alias == "last":
+        return last
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    for key, value in state.get("callbacks", {}).items():
+        best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
+        if best and Path(best).is_file():
+            return Path(best)
+    raise FileNotFoundError(f"--ckpt_path best: {last} records no best checkpoint (no monitored metric yet?)")
 
 
 class FocalNetCLI(LightningCLI):
@@ -22,12 +46,35 @@ class FocalNetCLI(LightningCLI):
             parser_kwargs={"parser_mode": "omegaconf"} | kwargs.pop("parser_kwargs", {}), **kwargs,
         )
 
+    @staticmethod
+    def _run_root(section) -> str:
+        """Where this config's runs are written: the logger's ``save_dir``, else ``default_root_dir``."""
+        logger = section.trainer.get("logger")
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        save_dir = init_args.get("save_dir") if init_args else None
+        return str(save_dir or section.trainer.get("default_root_dir") or "lightning_logs")
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            section = self.config[subcommand]
+            alias = section.get("ckpt_path")
+            if alias in CHECKPOINT_ALIASES:
+                root = self._run_root(section)
+                try:
+                    section.ckpt_path = str(resolve_checkpoint_alias(root, alias))
+                except FileNotFoundError:
+                    if not (subcommand == "fit" and alias == "last"):  # fit: Lightning starts afresh
+                        raise
+        super()._parse_ckpt_path()
+
 
 #: subcommands beyond Lightning's fit/validate/test/predict: name -> module with ``main(argv)``
 EXTRA_COMMANDS = {
     "sweep": "focalnet_pl.sweep",
     "export": "focalnet_pl.export",
     "modulation-maps": "focalnet_pl.visualize.modulation",
+    "consolidate": "focalnet_pl.distributed",
 }
 
 

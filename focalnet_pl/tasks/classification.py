@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
@@ -16,9 +17,19 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from focalnet_pl.focalnet import FocalNet, create_focalnet
+from focalnet_pl.distributed import maybe_fully_shard
+from focalnet_pl.focalnet import FocalNet, FocalNetBlock, create_focalnet
 from focalnet_pl.optim import param_groups, warmup_cosine
-from focalnet_pl.tasks.callbacks import default_task_callbacks
+from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
+from focalnet_pl.tasks.callbacks import SamplePredictionLogger, default_task_callbacks
+from focalnet_pl.visualize.draw import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    draw_top5,
+    load_picture,
+    save_picture,
+    tensor_to_picture,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +51,12 @@ class ClassificationTask(L.LightningModule):
             (``alpha = 0`` disables that one; both 0 disable mixing).
         ema_decay: keep an exponential moving average of the weights and evaluate with it.
         grad_checkpointing: activation checkpointing in every block.
-        predict_output_dir: where ``predict`` writes ``predictions.json`` (top-5 per image).
+        predict_output_dir: where ``predict`` writes ``predictions.json`` (top-5 per image; default
+            ``<trainer.default_root_dir>/predictions``) and, with
+            ``predict_draw``, one picture per image with its top-5 labels (``images/``).
+        on_nonfinite_loss: ``"raise"`` stops at a NaN/Inf loss naming the step; ``"skip"`` skips that step.
+        checkpoint_every_n_steps: also refresh ``last.ckpt`` every that many steps (mid-epoch resume).
+        log_samples: images drawn with their predictions sent to TensorBoard at each validation (0: off).
     """
 
     def __init__(
@@ -66,11 +82,16 @@ class ClassificationTask(L.LightningModule):
         grad_checkpointing: bool = False,
         class_names: list[str] | None = None,
         predict_output_dir: str | None = None,
+        predict_draw: bool = True,
+        on_nonfinite_loss: NonFiniteAction = "raise",
+        checkpoint_every_n_steps: int | None = None,
+        log_samples: int = 8,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: FocalNet | None = None
         self.ema: AveragedModel | None = None
+        self.loss_guard = NonFiniteLossGuard(on_nonfinite_loss)
         if num_classes is not None:
             self._build(num_classes)
 
@@ -86,6 +107,7 @@ class ClassificationTask(L.LightningModule):
             self.ema.requires_grad_(False)
         k = min(5, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_acc.persistent(True)  # a mid-epoch resume continues the epoch's accuracy
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=k, average="micro")
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -93,16 +115,16 @@ class ClassificationTask(L.LightningModule):
         self.mix = self._make_mix(num_classes)
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        num_classes = getattr(datamodule, "num_classes", None)
-        if num_classes is None:
-            raise ValueError("ClassificationTask: set model.num_classes or use a datamodule that provides num_classes")
-        self.hparams.num_classes = int(num_classes)
-        if self.hparams.class_names is None and getattr(datamodule, "class_names", None):
-            self.hparams.class_names = list(datamodule.class_names)
-        self._build(int(num_classes))
+        if self.model is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            num_classes = getattr(datamodule, "num_classes", None)
+            if num_classes is None:
+                raise ValueError("ClassificationTask: set model.num_classes or use a datamodule that provides num_classes")
+            self.hparams.num_classes = int(num_classes)
+            if self.hparams.class_names is None and getattr(datamodule, "class_names", None):
+                self.hparams.class_names = list(datamodule.class_names)
+            self._build(int(num_classes))
+        maybe_fully_shard(self, block_types=[FocalNetBlock])  # FSDP2 strategies only; never twice
 
     def _make_mix(self, num_classes: int) -> v2.Transform | None:
         hp = self.hparams
@@ -125,15 +147,15 @@ class ClassificationTask(L.LightningModule):
         return self.ema.module if self.ema is not None else self.model
 
     # -------------------------------------------------------------- training
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, labels = batch[0], batch[1]
         targets = labels
         if self.mix is not None:
             images, targets = self.mix(images, labels)
         logits = self.model(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"Non-finite training loss {loss.item()} at global step {self.global_step}")
+        if self.loss_guard(loss, {"cross_entropy": loss}, step=self.global_step, epoch=self.current_epoch) is None:
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         if self.mix is None:
             self.train_acc(logits, labels)
@@ -172,12 +194,47 @@ class ClassificationTask(L.LightningModule):
             labels = [names[i] if names else str(i) for i in indices]
             results.append({"file": str(path), "top5": [{"class_id": i, "label": lab, "score": round(s, 6)}
                                                          for i, lab, s in zip(indices, labels, scores)]})
+        if self.hparams.predict_draw:
+            for result in results:
+                picture = draw_top5(load_picture(result["file"]), result["top5"])
+                result["picture"] = str(save_picture(picture, self._predict_dir() / "images", result["file"]))
         return results
 
+    def visualize_batch(self, batch: Any, max_images: int) -> list[tuple[str, np.ndarray]]:
+        """Validation images with their top-5 predictions and true label drawn (for :class:`SamplePredictionLogger`)."""
+        images, labels = batch[0][:max_images], batch[1][:max_images]
+        with torch.no_grad():
+            probs = self._eval_model()(images).softmax(-1)
+        top = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        names = self.hparams.class_names
+        mean, std = _normalisation(self.trainer)
+        pictures = []
+        for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            top5 = [{"label": names[c] if names else str(c), "score": s}
+                    for c, s in zip(top.indices[i].tolist(), top.values[i].tolist())]
+            truth = names[label] if names else str(label)
+            pictures.append((f"val_samples/{i}", np.asarray(draw_top5(tensor_to_picture(image, mean, std), top5, truth))))
+        return pictures
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before the training accuracy was persistent load with a fresh accumulator."""
+        state = checkpoint.get("state_dict")
+        if self.model is not None and isinstance(state, dict):
+            for key, value in self.train_acc.state_dict(prefix="train_acc.").items():
+                state.setdefault(key, value)
+
+    def _predict_dir(self) -> Path:
+        """``predict_output_dir``, else ``<trainer.default_root_dir>/predictions``.
+
+        (With ``--ckpt_path``, LightningCLI takes the model arguments from the checkpoint, so a
+        ``predict_output_dir`` given on the command line is replaced by the checkpoint's.)
+        """
+        if self.hparams.predict_output_dir:
+            return Path(self.hparams.predict_output_dir)
+        return Path(self.trainer.default_root_dir) / "predictions"
+
     def on_predict_epoch_end(self) -> None:
-        out_dir = self.hparams.predict_output_dir
-        if not out_dir:
-            return
+        out_dir = self._predict_dir()
         results = [r for batch in self.trainer.predict_loop.predictions for r in batch] \
             if self.trainer.predict_loop.predictions else []
         path = Path(out_dir) / f"predictions_rank{self.global_rank}.json" if self.trainer.world_size > 1 \
@@ -211,4 +268,15 @@ class ClassificationTask(L.LightningModule):
         return int(per_device) * self.trainer.world_size * accumulate
 
     def configure_callbacks(self) -> list[Callback]:
-        return default_task_callbacks(self.trainer, monitor="val/acc1", mode="max")
+        callbacks = default_task_callbacks(self.trainer, monitor="val/acc1", mode="max",
+                                           checkpoint_every_n_steps=self.hparams.checkpoint_every_n_steps)
+        if self.hparams.log_samples:
+            callbacks.append(SamplePredictionLogger(self.hparams.log_samples))
+        return callbacks
+
+
+def _normalisation(trainer: L.Trainer | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The datamodule's normalisation mean/std (ImageNet's when it has none)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    hparams = getattr(datamodule, "hparams", {}) or {}
+    return tuple(hparams.get("mean", IMAGENET_MEAN)), tuple(hparams.get("std", IMAGENET_STD))

@@ -1,0 +1,10 @@
+"""Pictures for people: predictions drawn on images, focal modulation maps (paper Figs. 5-6)."""
+from focalnet_pl.visualize.draw import (
+    draw_top5,
+    load_picture,
+    overlay_heatmap,
+    save_picture,
+    tensor_to_picture,
+)
+
+__all__ = ["draw_top5", "load_picture", "overlay_heatmap", "save_picture", "tensor_to_picture"]

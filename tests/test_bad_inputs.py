@@ -1,0 +1,294 @@
+"""Bad-input catalogue: each bad input across tasks gets a clear error naming it, or a handled result."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from datamodules.coco import DroppedAnnotationsWarning, load_coco_instances
+from datamodules.image_io import (
+    EmptyDatasetError,
+    ImageReadError,
+    SafeImageFolder,
+    read_image_rgb,
+)
+from datamodules.imagenet import ImageNetDataModule
+from datamodules.segmentation import LabelFileError, read_label_png
+from focalnet_pl import create_focalnet
+from focalnet_pl.reliability import (
+    AtomicCheckpointIO,
+    DataLoadError,
+    NonFiniteLossError,
+    guard_dataloader,
+    raise_if_failed,
+)
+from focalnet_pl.tasks import ClassificationTask
+from focalnet_pl.weights import CheckpointError, read_state_dict
+
+TINY = {"embed_dim": 8, "depths": (1, 1, 1, 1)}
+
+
+def _png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+    return path
+
+
+def _rgb(size: int = 16) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
+
+
+def _coco(tmp: Path, annotations: list[dict] | None = None, drop: str | None = None) -> Path:
+    _png(tmp / "images" / "a.png", _rgb(32))
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 32, "width": 32}],
+        "categories": [{"id": 7, "name": "thing"}],
+        "annotations": annotations if annotations is not None else
+        [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 2, 10, 10], "area": 100, "iscrowd": 0}],
+    }
+    if drop:
+        del data[drop]
+    path = tmp / "instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------- images
+def corrupt_jpeg(tmp: Path) -> None:
+    path = tmp / "broken.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG body" * 10)
+    with pytest.raises(ImageReadError, match="broken.jpg"):
+        read_image_rgb(path)
+
+
+def truncated_png(tmp: Path) -> None:
+    path = _png(tmp / "cut.png", _rgb(64))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ImageReadError, match="cut.png"):
+        read_image_rgb(path)
+
+
+def grayscale_image(tmp: Path) -> None:
+    image = read_image_rgb(_png(tmp / "gray.png", np.full((8, 8), 90, np.uint8), "L"))
+    assert image.mode == "RGB" and np.asarray(image)[0, 0].tolist() == [90, 90, 90]
+
+
+def cmyk_jpeg(tmp: Path) -> None:
+    path = tmp / "cmyk.jpg"
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(path)  # pure red in CMYK
+    pixel = np.asarray(read_image_rgb(path))[4, 4]
+    assert pixel[0] > 200 and pixel[1] < 60 and pixel[2] < 60
+
+
+def rgba_image(tmp: Path) -> None:
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:4, :, 3] = 255  # top half opaque red, bottom half transparent
+    image = np.asarray(read_image_rgb(_png(tmp / "alpha.png", rgba, "RGBA")))
+    assert image[0, 0].tolist() == [255, 0, 0] and image[7, 7].tolist() == [255, 255, 255]
+
+
+def huge_image(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _png(tmp / "huge.png", _rgb(64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64*64 > 2 * 1000: a decompression bomb
+    with pytest.raises(ImageReadError, match="huge.png.*DecompressionBomb"):
+        read_image_rgb(path)
+
+
+def image_smaller_than_patch(tmp: Path) -> None:
+    model = create_focalnet("focalnet_tiny_srf", num_classes=3, **TINY).eval()
+    assert model(torch.rand(1, 3, 2, 3)).shape == (1, 3)  # padded internally to the patch size
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, H, W\)"):
+        model(torch.rand(3, 2, 2))
+
+
+def nan_in_input(tmp: Path) -> None:
+    task = ClassificationTask(num_classes=3, model_overrides=TINY, mixup_alpha=0, cutmix_alpha=0)
+    batch = (torch.full((2, 3, 16, 16), float("nan")), torch.tensor([0, 1]))
+    with pytest.raises(NonFiniteLossError, match=r"Non-finite loss nan at global step 0 .*cross_entropy=nan \[non-finite\]"):
+        task.training_step(batch, 0)
+    skipping = ClassificationTask(num_classes=3, model_overrides=TINY, mixup_alpha=0, cutmix_alpha=0,
+                                  on_nonfinite_loss="skip")
+    assert skipping.training_step(batch, 0) is None  # Lightning skips backward and the optimizer step
+    assert skipping.loss_guard.skipped_steps == 1
+
+
+def unreadable_sample_in_worker(tmp: Path) -> None:
+    for i in range(3):
+        _png(tmp / "train" / "a" / f"{i}.png", _rgb())
+    (tmp / "train" / "a" / "1.png").write_bytes(b"garbage")
+    dataset = SafeImageFolder(tmp / "train", transform=lambda image: torch.from_numpy(np.asarray(image).copy()))
+    loader = guard_dataloader(DataLoader(dataset, batch_size=3, num_workers=1), "train_dataloader")
+    batch = next(iter(loader))  # the worker does not raise: the failure travels to the main process
+    with pytest.raises(DataLoadError, match=r"train_dataloader: failed to load 1 sample.*sample 1 \(file .*a/1.png\)"):
+        raise_if_failed(batch, "train_dataloader", dataset)
+    # end to end: fit stops in the main process with the file and the index, not a worker traceback
+    _png(tmp / "train" / "b" / "0.png", _rgb())
+    datamodule = ImageNetDataModule(root=str(tmp), image_size=16, batch_size=4, num_workers=1, val_split="train",
+                                    test_split=None, randaugment_num_ops=0, random_erasing_prob=0.0)
+    task = ClassificationTask(model_overrides=TINY, mixup_alpha=0, cutmix_alpha=0, lr_reference_batch=None)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.raises(DataLoadError, match=r"train_dataloader batch 0: failed to load 1 sample\(s\) of "
+                                            r"SafeImageFolder at .*train - sample 1 \(file .*a/1.png\): ImageReadError"):
+        trainer.fit(task, datamodule)
+    assert "train_dataloader" not in vars(datamodule)  # the loader wrapper is removed after the run
+
+
+# --------------------------------------------------------------------------- labels and annotations
+def label_png_16bit(tmp: Path) -> None:
+    small = np.array([[0, 3], [150, 2]], np.uint16)
+    assert Image.fromarray(small).mode == "I;16"
+    assert read_label_png(_png(tmp / "ok16.png", small)).tolist() == [[0, 3], [150, 2]]
+    with pytest.raises(LabelFileError, match="bad16.png has values > 255"):
+        read_label_png(_png(tmp / "bad16.png", np.array([[0, 300]], np.uint16)))
+
+
+def malformed_json(tmp: Path) -> None:
+    path = _coco(tmp)
+    path.write_text(path.read_text()[:-5])
+    with pytest.raises(ValueError, match="malformed COCO annotation json .*instances.json"):
+        load_coco_instances(path, tmp / "images")
+
+
+def missing_key(tmp: Path) -> None:
+    with pytest.raises(ValueError, match="missing list 'annotations'"):
+        load_coco_instances(_coco(tmp, drop="annotations"), tmp / "images")
+
+
+def unknown_category_id(tmp: Path) -> None:
+    ann = [{"id": 1, "image_id": 1, "category_id": 99, "bbox": [0, 0, 4, 4], "area": 16, "iscrowd": 0}]
+    with pytest.raises(ValueError, match=r"annotations\[0\].* unknown category_id 99"):
+        load_coco_instances(_coco(tmp, ann), tmp / "images")
+
+
+def zero_area_box(tmp: Path) -> None:
+    anns = [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 2, 0, 5], "area": 0, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [2, 2, 5, 5], "area": 25, "iscrowd": 0}]
+    with pytest.warns(DroppedAnnotationsWarning, match="dropped 1 of 2 annotations .*degenerate box"):
+        records, _ = load_coco_instances(_coco(tmp, anns), tmp / "images")
+    assert len(records[0]["annotations"]) == 1
+
+
+def empty_dataset(tmp: Path) -> None:
+    (tmp / "train" / "cats").mkdir(parents=True)
+    with pytest.raises(EmptyDatasetError, match="class folder .*cats contains no image files"):
+        ImageNetDataModule(root=str(tmp), num_workers=0).setup("fit")
+    (tmp / "nothing").mkdir()
+    with pytest.raises(EmptyDatasetError, match="neither .*nothing/train nor .*nothing/val exists"):
+        ImageNetDataModule(root=str(tmp / "nothing"))
+
+
+# ------------------------------------------------------------------------------ models and configs
+def wrong_num_classes_vs_checkpoint(tmp: Path) -> None:
+    from focalnet_pl.export import load_task
+
+    task = ClassificationTask(num_classes=5, model_overrides=TINY)
+    path = tmp / "five.ckpt"
+    hparams = dict(task.hparams) | {"num_classes": 3}  # a checkpoint whose weights and config disagree
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": hparams}, path)
+    config = {"model": {"class_path": "focalnet_pl.tasks.ClassificationTask"}}
+    with pytest.raises(CheckpointError, match=r"(?s)five.ckpt does not fit ClassificationTask.*size mismatch for model.head.weight"):
+        load_task(config, path)
+    # fine-tuning from the 5-class weights to 3 classes: the head is re-initialised (handled)
+    weights = tmp / "five.pth"
+    torch.save(task.model.state_dict(), weights)
+    finetune = create_focalnet("focalnet_tiny_srf", num_classes=3, weights=str(weights), **TINY)
+    torch.testing.assert_close(finetune.patch_embed.proj.weight, task.model.patch_embed.proj.weight)
+    assert finetune.head.out_features == 3
+
+
+def unknown_config_key(tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    from focalnet_pl.cli import FocalNetCLI
+
+    config = tmp / "bad.yaml"
+    config.write_text("model:\n  class_path: focalnet_pl.tasks.ClassificationTask\n  init_args:\n"
+                      "    num_classes: 3\n    learning_rate_typo: 0.1\n")
+    with pytest.raises(SystemExit):
+        FocalNetCLI(args=["fit", "--config", str(config)], run=False)
+    assert "learning_rate_typo" in capsys.readouterr().err
+
+
+def unknown_variant(tmp: Path) -> None:
+    with pytest.raises(ValueError, match="Unknown FocalNet variant 'focalnet_tiny_xyz'. Valid names: focalnet_tiny_srf"):
+        create_focalnet("focalnet_tiny_xyz")
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def pickle_that_runs_code(tmp: Path) -> None:
+    marker = tmp / "pwned"
+    path = tmp / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match="Refused to load .*evil.ckpt.*would run code"):
+        read_state_dict(path)
+    with pytest.raises(CheckpointError, match="Refused to load .*evil.ckpt.*would run code"):
+        AtomicCheckpointIO().load_checkpoint(path)
+    plain = tmp / "plain.pkl"
+    plain.write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(CheckpointError):
+        read_state_dict(plain)
+    assert not marker.exists()
+
+
+def weights_url_not_https(tmp: Path) -> None:
+    for url in ("http://example.com/w.pth", "ftp://example.com/w.pth", "file:///etc/passwd"):
+        with pytest.raises(CheckpointError, match="only https URLs are allowed"):
+            create_focalnet("focalnet_tiny_srf", weights=url, **TINY)
+
+
+def weights_path_with_shell_syntax(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp)
+    marker = tmp / "pwned"
+    for path in (f"$(touch {marker}).pth", f"`touch {marker}`.pth", "$HOME/w.pth"):
+        with pytest.raises(CheckpointError, match="not found: " + path.replace("$", r"\$").replace("(", r"\(")
+                           .replace(")", r"\)").replace(".", r"\.")):
+            create_focalnet("focalnet_tiny_srf", weights=path, **TINY)
+    assert not marker.exists()
+
+
+CASES: dict[str, Callable[..., None]] = {
+    "corrupt JPEG": corrupt_jpeg,
+    "truncated PNG": truncated_png,
+    "grayscale image": grayscale_image,
+    "CMYK JPEG": cmyk_jpeg,
+    "RGBA image": rgba_image,
+    "huge image (decompression bomb)": huge_image,
+    "image smaller than the patch size": image_smaller_than_patch,
+    "NaN in input": nan_in_input,
+    "unreadable sample in a worker": unreadable_sample_in_worker,
+    "16-bit PNG labels": label_png_16bit,
+    "malformed json": malformed_json,
+    "missing key": missing_key,
+    "unknown category id": unknown_category_id,
+    "zero-area box": zero_area_box,
+    "empty dataset": empty_dataset,
+    "wrong num_classes vs checkpoint": wrong_num_classes_vs_checkpoint,
+    "unknown config key": unknown_config_key,
+    "unknown variant": unknown_variant,
+    "pickle that runs code": pickle_that_runs_code,
+    "weights URL not https": weights_url_not_https,
+    "weights path with shell syntax": weights_path_with_shell_syntax,
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_bad_input(case: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    function = CASES[case]
+    extra = [request.getfixturevalue(name) for name in function.__code__.co_varnames[1:function.__code__.co_argcount]]
+    function(tmp_path, *extra)
