@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from detectron2.data.detection_utils import read_image
 from test_coco_data import write_tiny_coco, write_tiny_coco_layout
 
 from datamodules.coco import COCODataModule
@@ -152,6 +153,14 @@ def test_tiny_mask_rcnn_overfits_and_predicts(tmp_path):
     assert metrics["val/AP50"] >= 0.5 and metrics["val/segm_AP50"] >= 0.5, metrics
     results = json.loads((tmp_path / "val_coco_segm_results.json").read_text())
     assert {r["category_id"] for r in results} <= {3, 7} and all("counts" in r["segmentation"] for r in results)
+
+    # what SamplePredictionLogger sends to TensorBoard after each validation
+    batch = next(iter(datamodule.val_dataloader()))
+    samples = task.eval().visualize_batch(batch, max_images=2)
+    assert [tag for tag, _ in samples] == ["val_samples/000010", "val_samples/000015"]
+    raws = [read_image(record["file_name"], format="RGB") for record in batch[:2]]
+    assert all(picture.shape == raw.shape for (_, picture), raw in zip(samples, raws))
+    assert any((picture != raw).any() for (_, picture), raw in zip(samples, raws))  # detections drawn
 
     _tiny_trainer(tmp_path).predict(task, datamodule, return_predictions=False)
     out = tmp_path / "predictions"

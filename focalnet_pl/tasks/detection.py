@@ -32,7 +32,7 @@ from focalnet_pl.distributed import maybe_fully_shard
 from focalnet_pl.focalnet import FocalNetBlock
 from focalnet_pl.optim import param_groups
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
-from focalnet_pl.tasks.callbacks import default_task_callbacks
+from focalnet_pl.tasks.callbacks import SamplePredictionLogger, default_task_callbacks
 
 __all__ = ["DetectionTask"]
 
@@ -63,6 +63,7 @@ class DetectionTask(L.LightningModule):
         on_nonfinite_loss: ``"raise"`` stops at a NaN/Inf loss naming the step and loss terms;
             ``"skip"`` skips that optimizer step.
         checkpoint_every_n_steps: also refresh ``last.ckpt`` every that many steps (mid-epoch resume).
+        log_samples: validation images drawn with their predictions sent to TensorBoard each validation (0: off).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class DetectionTask(L.LightningModule):
         predict_output_dir: str = "predictions",
         on_nonfinite_loss: NonFiniteAction = "raise",
         checkpoint_every_n_steps: int | None = None,
+        log_samples: int = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -152,8 +154,11 @@ class DetectionTask(L.LightningModule):
     monitor_metric = "val/AP"
 
     def configure_callbacks(self) -> list:
-        return default_task_callbacks(self.trainer, monitor=self.monitor_metric, mode="max",
-                                      checkpoint_every_n_steps=self.hparams.checkpoint_every_n_steps)
+        callbacks = default_task_callbacks(self.trainer, monitor=self.monitor_metric, mode="max",
+                                           checkpoint_every_n_steps=self.hparams.checkpoint_every_n_steps)
+        if self.hparams.log_samples:
+            callbacks.append(SamplePredictionLogger(self.hparams.log_samples))
+        return callbacks
 
     def _require_model(self) -> nn.Module:
         """The detectron2 model; it is built once its number of classes is known: from the config,
@@ -335,7 +340,7 @@ class DetectionTask(L.LightningModule):
         for record, output in zip(batch, outputs):
             instances = output["instances"].to("cpu")
             image_rgb = read_image(record["file_name"], format="RGB")
-            self._draw(record["file_name"], image_rgb, instances)
+            self._draw(record["file_name"], image_rgb, output)
             image_results = instances_to_coco_results(instances, record["image_id"], to_dataset, instances.has("pred_masks"))
             info = {"id": int(record["image_id"]), "file_name": str(record["file_name"]),
                     "height": int(record["height"]), "width": int(record["width"])}
@@ -343,13 +348,27 @@ class DetectionTask(L.LightningModule):
             results.extend(image_results)
         return results
 
-    def _draw(self, file_name: str, image_rgb: np.ndarray, instances: Any) -> None:
-        from detectron2.utils.visualizer import ColorMode, Visualizer  # needs OpenCV; only predict draws
+    def render_output(self, image_rgb: np.ndarray, output: dict, metadata: Metadata) -> np.ndarray:
+        """The image with the model's output drawn on it (detectron2 ``Visualizer``; needs OpenCV)."""
+        from detectron2.utils.visualizer import ColorMode, Visualizer
 
+        instances = output["instances"].to("cpu")
         keep = instances[instances.scores >= self.hparams.score_threshold]
-        visualizer = Visualizer(image_rgb, self._predict_meta, instance_mode=ColorMode.IMAGE)
-        drawn = visualizer.draw_instance_predictions(keep).get_image()
+        return Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(keep).get_image()
+
+    def _draw(self, file_name: str, image_rgb: np.ndarray, output: dict) -> None:
+        drawn = self.render_output(image_rgb, output, self._predict_meta)
         Image.fromarray(drawn).save(Path(self.hparams.predict_output_dir) / f"{Path(file_name).stem}.png")
+
+    def visualize_batch(self, batch: list[dict], max_images: int) -> list[tuple[str, np.ndarray]]:
+        """Validation images with the predictions drawn (for :class:`SamplePredictionLogger`)."""
+        records = batch[:max_images]
+        with torch.no_grad():
+            outputs = self._require_model()(records)
+        metadata = self._predict_metadata()
+        return [(f"val_samples/{Path(r['file_name']).stem}",
+                 self.render_output(read_image(r["file_name"], format="RGB"), o, metadata))
+                for r, o in zip(records, outputs)]
 
     def on_predict_epoch_end(self) -> None:
         merged = gather_unique_by_key(self._predictions)

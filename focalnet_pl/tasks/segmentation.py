@@ -68,12 +68,14 @@ class SegmentationTask(DetectionTask):
         predict_output_dir: str = "predictions",
         on_nonfinite_loss: NonFiniteAction = "raise",
         checkpoint_every_n_steps: int | None = None,
+        log_samples: int = 4,
     ) -> None:
         super().__init__(
             detectron2=detectron2, lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay,
             lr_decay_epochs=lr_decay_epochs, lr_decay_factor=lr_decay_factor, warmup_iters=warmup_iters,
             warmup_factor=warmup_factor, predict_output_dir=predict_output_dir,
             on_nonfinite_loss=on_nonfinite_loss, checkpoint_every_n_steps=checkpoint_every_n_steps,
+            log_samples=log_samples,
         )
         self.save_hyperparameters()
         if self.meta_architecture != "Mask2Former":
@@ -209,31 +211,24 @@ class SegmentationTask(DetectionTask):
             image_rgb = np.asarray(read_image_rgb(record["file_name"]))
             summary: dict[str, Any] = {"image_id": record["image_id"], "file_name": str(record["file_name"])}
             if "panoptic_seg" in output:
-                segment_map, segments = output["panoptic_seg"]
-                self._draw_panoptic(record["file_name"], image_rgb, segment_map.cpu(), segments)
-                summary["segments_info"] = segments
-            elif "sem_seg" in output:
-                self._draw_semantic(record["file_name"], image_rgb, output["sem_seg"].argmax(0).cpu())
+                summary["segments_info"] = output["panoptic_seg"][1]
+            drawn = self.render_output(image_rgb, output, self._predict_meta)
+            Image.fromarray(drawn).save(Path(self.hparams.predict_output_dir) / f"{Path(record['file_name']).stem}.png")
             self._predictions[str(record["image_id"])] = (summary, [])
             results.append(summary)
         return results
 
-    def _save(self, file_name: str, drawn: np.ndarray) -> None:
-        Image.fromarray(drawn).save(Path(self.hparams.predict_output_dir) / f"{Path(file_name).stem}.png")
-
-    def _draw_panoptic(self, file_name: str, image_rgb: np.ndarray, segment_map: torch.Tensor, segments: list[dict]) -> None:
+    def render_output(self, image_rgb: np.ndarray, output: dict, metadata: Metadata) -> np.ndarray:
+        """Colour panoptic overlay (or semantic, when the model gives no panoptic output)."""
         from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: PLC0415 (needs OpenCV)
 
-        visualizer = Visualizer(image_rgb, self._predict_meta, instance_mode=ColorMode.IMAGE)
-        drawn = visualizer.draw_panoptic_seg(segment_map, segments, alpha=self.hparams.overlay_alpha)
-        self._save(file_name, drawn.get_image())
-
-    def _draw_semantic(self, file_name: str, image_rgb: np.ndarray, labels: torch.Tensor) -> None:
-        from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: PLC0415 (needs OpenCV)
-
-        visualizer = Visualizer(image_rgb, self._predict_meta, instance_mode=ColorMode.IMAGE)
-        drawn = visualizer.draw_sem_seg(labels, alpha=self.hparams.overlay_alpha)
-        self._save(file_name, drawn.get_image())
+        visualizer = Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
+        if "panoptic_seg" in output:
+            segment_map, segments = output["panoptic_seg"]
+            drawn = visualizer.draw_panoptic_seg(segment_map.cpu(), segments, alpha=self.hparams.overlay_alpha)
+        else:
+            drawn = visualizer.draw_sem_seg(output["sem_seg"].argmax(0).cpu(), alpha=self.hparams.overlay_alpha)
+        return drawn.get_image()
 
     def on_predict_epoch_end(self) -> None:
         merged = gather_unique_by_key(self._predictions)
