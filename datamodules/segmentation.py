@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import colorsys
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -303,7 +304,7 @@ class SegmentationMapper:
         return output
 
 
-class SegmentationDataModule(L.LightningDataModule):
+class SegmentationDataModule(L.LightningDataModule, ABC):
     """Common datamodule logic; subclasses implement :meth:`classes` and :meth:`records`.
 
     Args:
@@ -346,12 +347,14 @@ class SegmentationDataModule(L.LightningDataModule):
         self._datasets: dict[str, MappedDataset] = {}
         self._classes: SegmentationClasses | None = None
 
-    # ---- to implement -------------------------------------------------------------------------
+    # ---- what each dataset format provides ---------------------------------------------------------
+    @abstractmethod
     def load_classes(self) -> SegmentationClasses:
-        raise NotImplementedError
+        """The dataset's classes (names, thing/stuff, colours)."""
 
+    @abstractmethod
     def records(self, split: Literal["train", "val", "test"]) -> list[dict]:
-        raise NotImplementedError
+        """detectron2 dataset dicts of ``split``."""
 
     # ---- metadata -----------------------------------------------------------------------------
     @property
