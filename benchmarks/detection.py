@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _isolated import run_isolated
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -176,17 +177,6 @@ def dino_worker(size: int, device_name: str, repeats: int, queue: mp.Queue) -> N
         cpu = (time.process_time() - cpu_start) / repeats
     queue.put({"ms": elapsed * 1e3, "cpu_ms": cpu * 1e3, "peak_mb": memory.peak_mb,
                "params_m": sum(p.numel() for p in model.parameters()) / 1e6})
-
-
-def run_isolated(target, *args) -> dict:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=target, args=(*args, queue))
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"benchmark subprocess {target.__name__}{args} failed with exit code {process.exitcode}")
-    return queue.get()
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from _isolated import run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -109,17 +110,6 @@ def train_step_worker(config_name: str, size: int, batch_size: int, num_masks: i
                "params_m": sum(p.numel() for p in model.parameters()) / 1e6})
 
 
-def run_isolated(*args) -> dict:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=train_step_worker, args=(*args, queue))
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"benchmark subprocess {args} failed with exit code {process.exitcode}")
-    return queue.get()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+",
@@ -136,7 +126,7 @@ def main() -> None:
     rows = []
     for config_name in args.configs:
         for size in args.sizes:
-            result = run_isolated(config_name, size, args.batch_size, args.masks, args.device, args.precision,
+            result = run_isolated(train_step_worker, config_name, size, args.batch_size, args.masks, args.device, args.precision,
                                   args.repeats)
             rows.append({"config": config_name, "size": size, **result})
             print(f"done: {config_name} @ {size}px", file=sys.stderr, flush=True)
