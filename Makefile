@@ -10,21 +10,29 @@ install: .venv/.installed
 	bash scripts/install.sh
 	touch $@
 
-demo: demo-classification
+# the demo backbone: the classification demo's FocalNet, pretrained on the shapes (as ImageNet is for COCO)
+DEMO_BACKBONE := runs/demo_classification/focalnet_shapes_backbone.safetensors
+
+# the main job: pretrain the small FocalNet on shape classification, then train DINO detection with it
+demo: demo-classification demo-dino
 
 demo-classification: install
 	$(PY) cli.py fit --config configs/demo/classification_shapes.yaml
 	$(PY) cli.py test --config configs/demo/classification_shapes.yaml --ckpt_path best
+	$(PY) cli.py export --config configs/demo/classification_shapes.yaml --ckpt_path best --output $(DEMO_BACKBONE)
 
-demo-dino: install
+$(DEMO_BACKBONE):
+	$(MAKE) demo-classification
+
+demo-dino: install $(DEMO_BACKBONE)
 	$(PY) cli.py fit --config configs/demo/dino_shapes.yaml
 	$(PY) cli.py test --config configs/demo/dino_shapes.yaml --ckpt_path best
 
-demo-mask-rcnn: install
+demo-mask-rcnn: install $(DEMO_BACKBONE)
 	$(PY) cli.py fit --config configs/demo/mask_rcnn_shapes.yaml
 	$(PY) cli.py test --config configs/demo/mask_rcnn_shapes.yaml --ckpt_path best
 
-demo-mask2former: install
+demo-mask2former: install $(DEMO_BACKBONE)
 	$(PY) cli.py fit --config configs/demo/mask2former_shapes.yaml
 	$(PY) cli.py test --config configs/demo/mask2former_shapes.yaml --ckpt_path best
 

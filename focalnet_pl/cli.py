@@ -15,6 +15,17 @@ from lightning.pytorch.cli import LightningCLI
 CHECKPOINT_ALIASES = ("best", "last")
 
 
+def run_root(trainer) -> str:
+    """Where a config's runs are written: its trainer's logger ``save_dir``, else ``default_root_dir``.
+
+    ``trainer`` is the config's ``trainer`` section (a parsed namespace or a plain dict).
+    """
+    logger = trainer.get("logger")
+    init_args = logger.get("init_args") if hasattr(logger, "get") else None
+    save_dir = init_args.get("save_dir") if init_args else None
+    return str(save_dir or trainer.get("default_root_dir") or "lightning_logs")
+
+
 def resolve_checkpoint_alias(root: str | Path, alias: str) -> Path:
     """``best`` / ``last`` -> the file of the newest run under ``root`` (``lightning_logs/version_*``).
 
@@ -46,21 +57,13 @@ class FocalNetCLI(LightningCLI):
             parser_kwargs={"parser_mode": "omegaconf"} | kwargs.pop("parser_kwargs", {}), **kwargs,
         )
 
-    @staticmethod
-    def _run_root(section) -> str:
-        """Where this config's runs are written: the logger's ``save_dir``, else ``default_root_dir``."""
-        logger = section.trainer.get("logger")
-        init_args = logger.get("init_args") if hasattr(logger, "get") else None
-        save_dir = init_args.get("save_dir") if init_args else None
-        return str(save_dir or section.trainer.get("default_root_dir") or "lightning_logs")
-
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         if subcommand:
             section = self.config[subcommand]
             alias = section.get("ckpt_path")
             if alias in CHECKPOINT_ALIASES:
-                root = self._run_root(section)
+                root = run_root(section.trainer)
                 try:
                     section.ckpt_path = str(resolve_checkpoint_alias(root, alias))
                 except FileNotFoundError:

@@ -24,6 +24,7 @@ import lightning as L
 import yaml
 from torch import nn
 
+from focalnet_pl.cli import CHECKPOINT_ALIASES, resolve_checkpoint_alias, run_root
 from focalnet_pl.focalnet import FocalNet, FocalNetConfig
 from focalnet_pl.reliability import safe_torch_load
 from focalnet_pl.weights import CheckpointError, load_weights, read_safetensors_metadata
@@ -174,12 +175,16 @@ def main(argv: list[str]) -> None:
     """``cli.py export --config X --ckpt_path Y --output Z.safetensors [--part backbone|model]``."""
     parser = argparse.ArgumentParser(prog="cli.py export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the run's YAML config (gives the task class)")
-    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (.ckpt)")
+    parser.add_argument("--ckpt_path", required=True,
+                        help="Lightning checkpoint (.ckpt), or best / last: the newest run of --config")
     parser.add_argument("--output", required=True, help="output .safetensors file (a .yaml sidecar is written too)")
     parser.add_argument("--part", choices=("backbone", "model"), default="backbone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = read_config(args.config)
-    task = load_task(config, args.ckpt_path)
-    path = export_weights(task, args.output, args.part, config=config, source=args.ckpt_path)
+    ckpt_path = args.ckpt_path
+    if ckpt_path in CHECKPOINT_ALIASES:
+        ckpt_path = str(resolve_checkpoint_alias(run_root(config.get("trainer") or {}), ckpt_path))
+    task = load_task(config, ckpt_path)
+    path = export_weights(task, args.output, args.part, config=config, source=ckpt_path)
     print(f"wrote {path} and {path.with_suffix('.yaml')}")

@@ -308,7 +308,8 @@ def test_dino_config_trains_and_validates_via_cli(name, small_coco, tmp_path, on
 
     config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     model_overrides = {
-        "FOCALNET": {"EMBED_DIM": 16, "DEPTHS": [1, 1, 1, 1], "DROP_PATH_RATE": 0.0},
+        # tiny widths: no pretrained backbone (the demo config names the classification demo's export)
+        "FOCALNET": {"EMBED_DIM": 16, "DEPTHS": [1, 1, 1, 1], "DROP_PATH_RATE": 0.0, "WEIGHTS": ""},
         "DINO": {"HIDDEN_DIM": 32, "NHEADS": 4, "ENC_LAYERS": 1, "DEC_LAYERS": 2, "DIM_FEEDFORWARD": 64,
                  "NUM_QUERIES": 30, "DN_NUMBER": 10, "NUM_SELECT": 20},
     }

@@ -193,3 +193,39 @@ def test_sample_predictions_reach_tensorboard(trained, tmp_path: Path) -> None:
     assert sorted(events.Tags()["images"]) == ["val_samples/0", "val_samples/1", "val_samples/2"]
     image = events.Images("val_samples/0")[0]
     assert image.width >= 224 and image.height > image.width
+
+
+def test_export_of_the_best_run_feeds_a_detectron2_backbone(trained, tmp_path: Path) -> None:
+    """The demo chain: ``export --ckpt_path best`` of a classification run -> ``MODEL.FOCALNET.WEIGHTS``."""
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import BACKBONE_REGISTRY
+
+    from focalnet_pl.d2 import build_detectron2_cfg
+
+    config, ckpt, task = trained
+    run = tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints"
+    run.mkdir(parents=True)
+    best = run / "epoch003-val_acc10.9000.ckpt"
+    best.write_bytes(ckpt.read_bytes())
+    state = torch.load(ckpt, weights_only=True)
+    state["callbacks"] = {"ModelCheckpoint{'monitor': 'val/acc1'}": {"best_model_path": str(best)}}
+    state["state_dict"] = {k: torch.zeros_like(v) for k, v in state["state_dict"].items()}  # last != best
+    torch.save(state, run / "last.ckpt")
+    recipe = yaml.safe_load(config.read_text())
+    recipe["trainer"] = {"default_root_dir": str(tmp_path / "runs")}
+    config.write_text(yaml.safe_dump(recipe))
+
+    output = tmp_path / "backbone.safetensors"
+    cli_main(["export", "--config", str(config), "--ckpt_path", "best", "--output", str(output)])
+    cfg = build_detectron2_cfg({"MODEL": {"FOCALNET": {
+        "VARIANT": "focalnet_tiny_srf", "EMBED_DIM": 8, "DEPTHS": [1, 1, 2, 1], "FOCAL_LEVELS": [2, 2, 3, 2],
+        "WEIGHTS": str(output),
+    }}})
+    backbone = BACKBONE_REGISTRY.get("build_focalnet_backbone")(cfg, ShapeSpec(channels=3))
+    trained_weights = task.model.state_dict()
+    loaded = backbone.body.state_dict()
+    shared = [name for name in loaded if name in trained_weights]  # all but the dense mode's output norms
+    assert "layers.3.blocks.0.modulation.f.weight" in shared
+    assert all(name.startswith("norm") and name[4].isdigit() for name in loaded if name not in trained_weights)
+    for name in shared:
+        assert torch.equal(loaded[name], trained_weights[name]), name

@@ -29,7 +29,8 @@ SIZE_NAMES = {"t": "tiny", "s": "small", "b": "base"}
 #: Small-model overrides: narrow widths, one block per stage, few proposals.
 TINY_MODEL = {
     "MODEL": {
-        "FOCALNET": {"EMBED_DIM": 16, "DEPTHS": [1, 1, 1, 1], "DROP_PATH_RATE": 0.0},
+        # tiny widths: no pretrained backbone (the demo config names the classification demo's export)
+        "FOCALNET": {"EMBED_DIM": 16, "DEPTHS": [1, 1, 1, 1], "DROP_PATH_RATE": 0.0, "WEIGHTS": ""},
         "FPN": {"OUT_CHANNELS": 32},
         "ANCHOR_GENERATOR": {"SIZES": [[16], [32], [64], [128], [256]]},
         "RPN": {"BATCH_SIZE_PER_IMAGE": 64, "PRE_NMS_TOPK_TRAIN": 200, "PRE_NMS_TOPK_TEST": 100,
