@@ -2,10 +2,15 @@
 
     python benchmarks/backbone.py                 # tiny + base, CPU, eager (+ channels_last)
     python benchmarks/backbone.py --compile       # also torch.compile (slow to compile on CPU)
-    python benchmarks/backbone.py --device cuda   # on a GPU
+    python benchmarks/backbone.py --device cuda --batch 32               # GPU, strict float32
+    python benchmarks/backbone.py --device cuda --batch 32 --tf32        # GPU, TF32 matmuls and convs
 
 Prints Markdown tables with ours/timm ratios (> 1 means ours is faster). Timings are medians over
 repeats, ours and timm interleaved so that load on the machine affects both alike.
+
+On a GPU both models run at the same float32 precision: by default PyTorch lets cuDNN use TF32 for
+convolutions but not cuBLAS for matmuls, which would favour timm (its 1x1 projections are convs, ours
+linear layers); this script sets both to strict float32, or both to TF32 with ``--tf32``.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from focalnet_pl import create_focalnet
+from focalnet_pl.layers import onednn
 from focalnet_pl.weights import load_weights
 
 
@@ -71,9 +77,14 @@ def train_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward, counted on the plain layers (the counter does not see fused oneDNN calls)."""
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
+    onednn.set_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        onednn.set_enabled(True)
     return counter.get_total_flops()
 
 
@@ -95,10 +106,15 @@ def main() -> None:
     parser.add_argument("--resolutions", nargs="+", type=int, default=[224, 448, 896])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    parser.add_argument("--tf32", action="store_true", help="GPU: TF32 for matmuls and convolutions alike")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, timm {timm.__version__}, device {device}, threads {torch.get_num_threads()}\n")
+    precision = ("TF32" if args.tf32 else "strict float32") if device.type == "cuda" else "float32"
+    print(f"torch {torch.__version__}, timm {timm.__version__}, device {device}, {precision}, "
+          f"threads {torch.get_num_threads()}\n")
 
     print("### Throughput at 224 px, batch", args.batch, "(images/s; ratio = ours / timm)\n")
     print(row(["model", "mode", "timm", "ours", "ratio", "timm channels_last", "ours channels_last input", "ratio"]))

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from focalnet_pl.layers import onednn
+
 
 @dataclass(frozen=True)
 class FocalNetConfig:
@@ -128,6 +130,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and onednn.use_fused(x, self.fc1.weight):
+            return onednn.linear(onednn.linear(x, self.fc1, "gelu"), self.fc2)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -172,13 +176,14 @@ class FocalModulation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         C = self.dim
-        qcg = self.f(x)
+        fused = not self.training and onednn.use_fused(x, self.f.weight)
+        qcg = onednn.linear(x, self.f) if fused else self.f(x)
         q, gates = qcg[..., :C], qcg[..., 2 * C :]
         # NHWC memory seen as NCHW channels_last: depthwise convs run without layout copies
         ctx = qcg[..., C : 2 * C].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         ctx_all = None
         for level, layer in enumerate(self.focal_layers):
-            ctx = layer(ctx)
+            ctx = onednn.conv_gelu(ctx, layer[0]) if fused else layer(ctx)
             term = ctx.permute(0, 2, 3, 1) * gates[..., level : level + 1]
             ctx_all = term if ctx_all is None else ctx_all + term
         ctx_global = self.act(ctx.mean(dim=(2, 3)))[:, None, None, :]
@@ -186,13 +191,15 @@ class FocalModulation(nn.Module):
         ctx_all = term if ctx_all is None else ctx_all + term
         if self.normalize_modulator:
             ctx_all = ctx_all / (self.focal_level + 1)
-        modulator = self.h(ctx_all)
+        modulator = onednn.linear(ctx_all, self.h) if fused else self.h(ctx_all)
         if self.record_maps:
             self.last_gates = gates.detach()
             self.last_modulator = modulator.detach()
         out = q * modulator
         if self.ln is not None:
             out = self.ln(out)
+        if fused:
+            return onednn.linear(out, self.proj)
         return self.proj_drop(self.proj(out))
 
 
