@@ -9,10 +9,10 @@ the plain layers (tested) and are used only where that holds and nothing else is
 tensors without autograd, autocast, ``torch.compile`` tracing or sharded (DTensor) parameters.
 Training always takes the plain PyTorch path.
 
-They are used only for layers that see at least :data:`MIN_TOKENS` tokens (rows of the GEMM): there
-the saved passes over the large activations dominate, while on fewer, wider tokens (FocalNet's
-stride-16 and -32 stages at usual batch sizes) MKL's GEMM behind ``nn.Linear`` was measured faster
-than oneDNN's (``benchmarks/backbone.py``, ``docs/benchmarks.md``).
+They are used only in blocks at most :data:`MAX_CHANNELS` wide (the stride-4 stage of FocalNet-T/S/B):
+there the GEMMs are narrow and memory-bound, so the saved passes over the large activations dominate;
+on wider blocks MKL's GEMM behind ``nn.Linear`` was measured as fast or faster than oneDNN's, and
+fusing them made the whole model slower (``docs/benchmarks.md``).
 """
 from __future__ import annotations
 
@@ -21,15 +21,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["AVAILABLE", "MIN_TOKENS", "conv_gelu", "linear", "set_enabled", "use_fused"]
+__all__ = ["AVAILABLE", "MAX_CHANNELS", "conv_gelu", "linear", "set_enabled", "use_fused"]
 
 AVAILABLE: bool = (
     torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 )
-#: fewest tokens (batch x height x width) for which a layer takes the fused kernels
-MIN_TOKENS = 4096
+#: widest block (channels of ``x``) that takes the fused kernels
+MAX_CHANNELS = 128
 _enabled = True
 
 
@@ -40,7 +40,7 @@ def set_enabled(enabled: bool) -> None:
 
 
 def use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when ``x`` (and a layer with ``weight``) can take the fused inference kernels."""
+    """True when a block's input ``x`` (and its layer with ``weight``) can take the fused inference kernels."""
     return (
         _enabled
         and AVAILABLE
@@ -50,7 +50,7 @@ def use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and type(weight.data) is torch.Tensor
-        and x.numel() >= MIN_TOKENS * x.shape[-1]
+        and x.shape[-1] <= MAX_CHANNELS
     )
 
 
