@@ -37,6 +37,8 @@ __all__ = [
     "COCODataModule",
     "COCOInstanceMapper",
     "DroppedAnnotationsWarning",
+    "ListOfDictsDataModule",
+    "MappedDataset",
     "RandomChoice",
     "build_augmentations",
     "load_coco_instances",
@@ -371,12 +373,6 @@ class COCOInstanceMapper:
         return output
 
 
-def list_of_dicts_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool) -> DataLoader:
-    """A loader of detectron2-style batches (lists of dicts); shuffled, dropping the last batch, when training."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, collate_fn=collate_as_list)
-
-
 class MappedDataset(Dataset):
     """``mapper(records[i])`` for each record."""
 
@@ -396,10 +392,44 @@ def collate_as_list(batch: list[dict]) -> list[dict]:
     return batch
 
 
+class ListOfDictsDataModule(L.LightningDataModule):
+    """Base of the detectron2-format datamodules: the :class:`MappedDataset` of each split, set up in
+    ``self._datasets``, served in detectron2's batches (lists of per-image dicts); shuffled, dropping
+    the last batch, when training."""
+
+    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self._datasets: dict[str, MappedDataset] = {}
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self._datasets:
+            raise ValueError(f"no {split} dataset: is it configured, and was setup() called for this stage?")
+        return DataLoader(
+            self._datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+            drop_last=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            collate_fn=collate_as_list,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", train=False)
+
+
 # --------------------------------------------------------------------------------------------
 # datamodule
 # --------------------------------------------------------------------------------------------
-class COCODataModule(L.LightningDataModule):
+class COCODataModule(ListOfDictsDataModule):
     """COCO instances for detectron2 detectors (DINO, Mask R-CNN).
 
     Data: ``root`` with the standard layout (``train2017/``, ``val2017/``,
@@ -440,7 +470,7 @@ class COCODataModule(L.LightningDataModule):
         eval_batch_size: int = 1,
         num_workers: int = 4,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers)
         self.save_hyperparameters()
         if not demo and root is None and not (train_json or val_json or test_json or predict_images):
             raise ValueError("COCODataModule needs root=..., explicit {split}_json/{split}_images, or demo=True")
@@ -455,7 +485,6 @@ class COCODataModule(L.LightningDataModule):
             if (json_file is None) != (images is None):
                 raise ValueError(f"give both {split}_json and {split}_images, or neither")
         self._names: dict[str, str] = {}
-        self._datasets: dict[str, MappedDataset] = {}
 
     # ---- paths and catalog ------------------------------------------------------------------
     def _coco_root(self) -> Path | None:
@@ -556,21 +585,3 @@ class COCODataModule(L.LightningDataModule):
             raise FileNotFoundError(f"no image files found in predict_images folder {folder}")
         records = [{"file_name": str(path), "image_id": index + 1} for index, path in enumerate(images)]
         return MappedDataset(records, self._mapper(is_train=False))
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        if split not in self._datasets:
-            raise ValueError(f"no {split} dataset: is it configured, and was setup() called for this stage?")
-        batch_size = self.hparams.batch_size if train else self.hparams.eval_batch_size
-        return list_of_dicts_loader(self._datasets[split], batch_size, self.hparams.num_workers, train)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", train=False)

@@ -19,16 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from detectron2.data import Metadata
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from datamodules.coco import MappedDataset, list_of_dicts_loader
+from datamodules.coco import ListOfDictsDataModule, MappedDataset
 from datamodules.image_io import list_image_files, read_image_rgb
 
 __all__ = [
@@ -304,7 +302,7 @@ class SegmentationMapper:
         return output
 
 
-class SegmentationDataModule(L.LightningDataModule, ABC):
+class SegmentationDataModule(ListOfDictsDataModule, ABC):
     """Common datamodule logic; subclasses implement :meth:`classes` and :meth:`records`.
 
     Args:
@@ -332,7 +330,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         eval_batch_size: int = 1,
         num_workers: int = 4,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers)
         self.augmentation = augmentation
         self.crop_size = crop_size
         self.min_scale = min_scale
@@ -341,10 +339,6 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         self.test_size = test_size
         self.test_max_size = test_max_size
         self.predict_images = predict_images
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self._datasets: dict[str, MappedDataset] = {}
         self._classes: SegmentationClasses | None = None
 
     # ---- what each dataset format provides ---------------------------------------------------------
@@ -396,22 +390,4 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
                     raise FileNotFoundError(f"no image files found in predict_images folder {self.predict_images}")
                 records = [{"file_name": str(path), "image_id": path.stem} for path in images]
             self._datasets["predict"] = MappedDataset(records, self.mapper(is_train=False))
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        if split not in self._datasets:
-            raise ValueError(f"no {split} dataset: call setup() for its stage first")
-        batch_size = self.batch_size if train else self.eval_batch_size
-        return list_of_dicts_loader(self._datasets[split], batch_size, self.num_workers, train)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", train=False)
 
