@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from focalnet_pl.layers import onednn
+from focalnet_pl import cpu_inference
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,6 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and onednn.use_fused(x, self.fc1.weight):
-            return onednn.linear(onednn.linear(x, self.fc1, "gelu"), self.fc2)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -176,14 +174,13 @@ class FocalModulation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         C = self.dim
-        fused = not self.training and onednn.use_fused(x, self.f.weight)
-        qcg = onednn.linear(x, self.f) if fused else self.f(x)
+        qcg = self.f(x)
         q, gates = qcg[..., :C], qcg[..., 2 * C :]
         # NHWC memory seen as NCHW channels_last: depthwise convs run without layout copies
         ctx = qcg[..., C : 2 * C].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         ctx_all = None
         for level, layer in enumerate(self.focal_layers):
-            ctx = onednn.conv_gelu(ctx, layer[0]) if fused else layer(ctx)
+            ctx = layer(ctx)
             term = ctx.permute(0, 2, 3, 1) * gates[..., level : level + 1]
             ctx_all = term if ctx_all is None else ctx_all + term
         ctx_global = self.act(ctx.mean(dim=(2, 3)))[:, None, None, :]
@@ -191,15 +188,13 @@ class FocalModulation(nn.Module):
         ctx_all = term if ctx_all is None else ctx_all + term
         if self.normalize_modulator:
             ctx_all = ctx_all / (self.focal_level + 1)
-        modulator = onednn.linear(ctx_all, self.h) if fused else self.h(ctx_all)
+        modulator = self.h(ctx_all)
         if self.record_maps:
             self.last_gates = gates.detach()
             self.last_modulator = modulator.detach()
         out = q * modulator
         if self.ln is not None:
             out = self.ln(out)
-        if fused:
-            return onednn.linear(out, self.proj)
         return self.proj_drop(self.proj(out))
 
 
@@ -228,6 +223,8 @@ class FocalNetBlock(nn.Module):
         return x if gamma is None else x * gamma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_inference.applies(self, x):
+            return cpu_inference.block_forward(self, x)
         if self.use_postln:
             x = x + self.drop_path(self._scale(self.norm1(self.modulation(x)), self.gamma_1))
             return x + self.drop_path(self._scale(self.norm2(self.mlp(x)), self.gamma_2))

@@ -1,0 +1,165 @@
+"""Row-chunked CPU inference for FocalNet blocks.
+
+A FocalNet block is mostly token-wise work (two LayerNorms, five linear layers, the gating, a GELU and
+two residual adds) around two to four depthwise convolutions. Run op by op in eager mode, each of those
+steps is a pass over the whole ``(B, H, W, C)`` activation through main memory, and at the
+high-resolution stages those passes cost about as much as the matrix products. At CPU inference
+:func:`block_forward` does the same arithmetic differently:
+
+- the token-wise work runs on chunks of :data:`CHUNK_TOKENS` tokens, so a chunk's intermediates (the
+  MLP's ``4C``-wide hidden layer included) stay in cache from one op to the next;
+- results are written in place (``out=``, ``addcmul_``) and biases are added inside the GEMM;
+- ``f``'s three outputs (query, context, gates) come from three GEMMs on row slices of its weight, so
+  the context lands dense in the layout the depthwise convolutions read (no copy) and no GEMM has
+  ``f``'s odd output width ``2C + L + 1``, which MKL runs about 20% slower than an even one;
+- with oneDNN, each depthwise convolution applies its GELU inside the convolution kernel.
+
+It gives the plain forward's numbers (tested to 1e-5) and is taken only where nothing else changes:
+float32 CPU tensors in eval mode, without autograd, autocast, ``torch.compile`` tracing, sharded
+(DTensor) parameters or modulation-map recording. Everything else, training included, takes the
+plain PyTorch path. ``docs/benchmarks.md`` has the measurements.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from focalnet_pl.focalnet import FocalModulation, FocalNetBlock
+
+__all__ = ["CHUNK_TOKENS", "ONEDNN_CONV", "applies", "block_forward", "set_enabled"]
+
+#: tokens per chunk of token-wise work (2048 x 128 channels: 1 MB of input, 4 MB of MLP hidden layer)
+CHUNK_TOKENS = 2048
+#: whether PyTorch's oneDNN convolution with a fused GELU post-op is available
+ONEDNN_CONV: bool = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Switch the chunked inference path on or off globally (on by default)."""
+    global _enabled
+    _enabled = enabled
+
+
+def applies(block: FocalNetBlock, x: torch.Tensor) -> bool:
+    """True when ``block(x)`` can take :func:`block_forward` (see the module docstring)."""
+    return (
+        _enabled
+        and not block.training
+        and not block.modulation.record_maps
+        and block.modulation.focal_level > 0
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and type(block.norm2.weight.data) is torch.Tensor
+    )
+
+
+def _row_chunks(rows: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of near-equal chunks of at most :data:`CHUNK_TOKENS` rows."""
+    count = -(-rows // CHUNK_TOKENS)
+    step = -(-rows // count)
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _conv_gelu(x: torch.Tensor, layer: nn.Sequential) -> torch.Tensor:
+    """``layer`` (depthwise conv + GELU) on channels-last ``x``, the GELU fused into oneDNN's kernel."""
+    conv = layer[0]
+    if not ONEDNN_CONV:
+        return layer(x)
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+        "gelu", [], "none",
+    )
+
+
+def _project(block: FocalNetBlock, tokens: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, ...]:
+    """Query ``(M, C)``, context ``(B, H, W, C)`` and gates ``(M, L + 1)`` from ``f`` (after ``norm1`` if pre-LN)."""
+    modulation = block.modulation
+    C = modulation.dim
+    weight, bias = modulation.f.weight, modulation.f.bias
+    query = tokens.new_empty(tokens.shape)
+    context = tokens.new_empty(shape)
+    gates = tokens.new_empty(tokens.shape[0], modulation.focal_level + 1)
+    context_rows = context.view(-1, C)
+    for start, stop in _row_chunks(tokens.shape[0]):
+        x = tokens[start:stop]
+        if not block.use_postln:
+            x = _layer_norm(x, block.norm1)
+        torch.addmm(bias[:C], x, weight[:C].t(), out=query[start:stop])
+        torch.addmm(bias[C : 2 * C], x, weight[C : 2 * C].t(), out=context_rows[start:stop])
+        torch.addmm(bias[2 * C :], x, weight[2 * C :].t(), out=gates[start:stop])
+    return query, context, gates
+
+
+def _focal_levels(modulation: FocalModulation, context: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each level's context as ``(M, C)`` rows, and the global context ``(B, C)``."""
+    C = modulation.dim
+    x = context.permute(0, 3, 1, 2)  # the NHWC buffer seen as channels-last NCHW
+    levels = []
+    for layer in modulation.focal_layers:
+        x = _conv_gelu(x, layer)
+        levels.append(x.permute(0, 2, 3, 1).reshape(-1, C))
+    return levels, F.gelu(x.mean(dim=(2, 3)))
+
+
+def _modulate(
+    modulation: FocalModulation, query: torch.Tensor, levels: list[torch.Tensor], global_context: torch.Tensor,
+    gates: torch.Tensor, start: int, stop: int, tokens_per_image: int,
+) -> torch.Tensor:
+    """The modulation's output (before the residual) for rows ``start:stop``."""
+    L = modulation.focal_level
+    gate = gates[start:stop]
+    aggregated = levels[0][start:stop] * gate[:, 0:1]
+    for level in range(1, L):
+        aggregated.addcmul_(levels[level][start:stop], gate[:, level : level + 1])
+    for image in range(start // tokens_per_image, (stop - 1) // tokens_per_image + 1):
+        lo = max(start, image * tokens_per_image) - start
+        hi = min(stop, (image + 1) * tokens_per_image) - start
+        aggregated[lo:hi].addcmul_(global_context[image : image + 1], gate[lo:hi, L : L + 1])
+    alpha = 1.0 / (L + 1) if modulation.normalize_modulator else 1.0
+    modulator = torch.addmm(modulation.h.bias, aggregated, modulation.h.weight.t(), alpha=alpha)
+    modulator.mul_(query[start:stop])
+    if modulation.ln is not None:
+        modulator = _layer_norm(modulator, modulation.ln)
+    return torch.addmm(modulation.proj.bias, modulator, modulation.proj.weight.t(), out=aggregated)
+
+
+def _add_residual(
+    x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    if gamma is None:
+        return torch.add(x, branch, out=out)
+    return torch.addcmul(x, branch, gamma, out=out)
+
+
+def block_forward(block: FocalNetBlock, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` at CPU inference, for ``x`` of shape ``(B, H, W, C)`` (check :func:`applies` first)."""
+    B, H, W, C = x.shape
+    tokens = x.reshape(-1, C)
+    modulation, mlp = block.modulation, block.mlp
+    query, context, gates = _project(block, tokens, (B, H, W, C))
+    levels, global_context = _focal_levels(modulation, context)
+    out = torch.empty_like(tokens)
+    for start, stop in _row_chunks(tokens.shape[0]):
+        branch = _modulate(modulation, query, levels, global_context, gates, start, stop, H * W)
+        if block.use_postln:
+            branch = _layer_norm(branch, block.norm1)
+        mid = _add_residual(tokens[start:stop], branch, block.gamma_1, out=out[start:stop])
+        hidden = mid if block.use_postln else _layer_norm(mid, block.norm2)
+        hidden = torch.ops.aten.gelu_(torch.addmm(mlp.fc1.bias, hidden, mlp.fc1.weight.t()))
+        branch = torch.addmm(mlp.fc2.bias, hidden, mlp.fc2.weight.t())
+        if block.use_postln:
+            branch = _layer_norm(branch, block.norm2)
+        _add_residual(mid, branch, block.gamma_2, out=mid)
+    return out.view(B, H, W, C)

@@ -1,0 +1,81 @@
+"""The chunked CPU inference path gives the plain forward's numbers and is taken only at CPU inference."""
+import pytest
+import torch
+
+from focalnet_pl import cpu_inference, create_focalnet
+
+
+@pytest.fixture
+def chunked_calls(monkeypatch):
+    calls = []
+    original = cpu_inference.block_forward
+
+    def counting(block, x):
+        calls.append(x.shape)
+        return original(block, x)
+
+    monkeypatch.setattr(cpu_inference, "block_forward", counting)
+    return calls
+
+
+def _perturbed_model(**overrides):
+    torch.manual_seed(0)
+    model = create_focalnet("focalnet_tiny_lrf", num_classes=7, embed_dim=32, depths=(1, 1, 2, 1), **overrides).eval()
+    for p in model.parameters():  # non-trivial biases, gates and layerscales
+        p.data.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("onednn_conv", [True, False] if cpu_inference.ONEDNN_CONV else [False])
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"use_postln": True, "use_layerscale": True, "use_postln_in_modulation": True, "normalize_modulator": True},
+])
+def test_chunked_inference_matches_plain_forward(chunked_calls, monkeypatch, overrides, onednn_conv):
+    monkeypatch.setattr(cpu_inference, "ONEDNN_CONV", onednn_conv)
+    monkeypatch.setattr(cpu_inference, "CHUNK_TOKENS", 37)  # chunks straddle image boundaries
+    model = _perturbed_model(**overrides)
+    x = torch.randn(3, 3, 64, 80)
+    with torch.no_grad():
+        cpu_inference.set_enabled(False)
+        try:
+            plain = model(x)
+        finally:
+            cpu_inference.set_enabled(True)
+        assert not chunked_calls
+        chunked = model(x)
+    assert len(chunked_calls) == 5, "every block should take the chunked path"
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_backbone_features_match(chunked_calls):
+    torch.manual_seed(0)
+    model = create_focalnet("focalnet_tiny_srf", features_only=True, embed_dim=16, depths=(1, 1, 1, 1)).eval()
+    x = torch.randn(2, 3, 70, 50)  # padded internally
+    with torch.no_grad():
+        chunked = model(x)
+        cpu_inference.set_enabled(False)
+        try:
+            plain = model(x)
+        finally:
+            cpu_inference.set_enabled(True)
+    assert chunked_calls
+    for a, b in zip(chunked, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_training_autograd_and_map_recording_take_the_plain_path(chunked_calls):
+    model = create_focalnet("focalnet_tiny_srf", num_classes=3, embed_dim=16, depths=(1, 1, 1, 1))
+    x = torch.randn(1, 3, 32, 32)
+    model.train()
+    with torch.no_grad():
+        model(x)  # training mode: dropout / drop path semantics stay with the plain layers
+    model.eval()
+    model(x).sum().backward()  # gradients needed
+    assert model.head.weight.grad is not None
+    modulation = model.layers[0].blocks[0].modulation
+    modulation.record_maps = True
+    with torch.no_grad():
+        model(x)
+    assert modulation.last_gates is not None
+    assert len(chunked_calls) == 3  # only the three blocks that do not record maps
