@@ -16,7 +16,8 @@ high-resolution stages those passes cost about as much as the matrix products. A
 
 It gives the plain forward's numbers (tested to 1e-5) and is taken only where nothing else changes:
 float32 CPU tensors in eval mode, without autograd, autocast, ``torch.compile`` tracing, sharded
-(DTensor) parameters or modulation-map recording. Everything else, training included, takes the
+(DTensor) parameters, modulation-map recording, forward hooks or replaced layers (such as adapters).
+Everything else, training included, takes the
 plain PyTorch path. ``docs/benchmarks.md`` has the measurements.
 """
 from __future__ import annotations
@@ -58,6 +59,26 @@ def applies(block: FocalNetBlock, x: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and type(block.norm2.weight.data) is torch.Tensor
+        and _unmodified(block)
+    )
+
+
+def _unmodified(block: FocalNetBlock) -> bool:
+    """No hooks anywhere in the block and its layers are the stock ones: :func:`block_forward` reads
+    their weights directly, so a forward hook or a replaced layer (e.g. a LoRA adapter) needs the
+    plain forward, which calls the modules."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    modulation, mlp = block.modulation, block.mlp
+    layers = (modulation.f, modulation.h, modulation.proj, mlp.fc1, mlp.fc2)
+    norms = (block.norm1, block.norm2) + ((modulation.ln,) if modulation.ln is not None else ())
+    gelus = (mlp.act, modulation.act) + tuple(level[1] for level in modulation.focal_layers)
+    return (
+        all(type(layer) is nn.Linear for layer in layers)
+        and all(type(norm) is nn.LayerNorm for norm in norms)
+        and all(type(level[0]) is nn.Conv2d for level in modulation.focal_layers)
+        and all(type(gelu) is nn.GELU and gelu.approximate == "none" for gelu in gelus)
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules())
     )
 
 

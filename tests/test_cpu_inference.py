@@ -79,3 +79,33 @@ def test_training_autograd_and_map_recording_take_the_plain_path(chunked_calls):
         model(x)
     assert modulation.last_gates is not None
     assert len(chunked_calls) == 3  # only the three blocks that do not record maps
+
+
+def test_hooks_and_replaced_layers_take_the_plain_path(chunked_calls):
+    model = create_focalnet("focalnet_tiny_srf", num_classes=3, embed_dim=16, depths=(1, 1, 1, 1)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    seen = []
+    block = model.layers[0].blocks[0]
+    handle = block.modulation.f.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert seen == [(1, 8, 8, 2 * 16 + 3)]  # the hook saw f's output
+    assert len(chunked_calls) == 3  # the other blocks
+
+    class Adapter(torch.nn.Linear):  # stands in for a LoRA-style wrapper
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    adapter = Adapter(16, 64)
+    adapter.load_state_dict(block.mlp.fc1.state_dict())
+    block.mlp.fc1 = adapter
+    with torch.no_grad():
+        adapted = model(x)
+        cpu_inference.set_enabled(False)
+        try:
+            plain = model(x)
+        finally:
+            cpu_inference.set_enabled(True)
+    torch.testing.assert_close(adapted, plain)
+    assert len(chunked_calls) == 6
