@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from focalnet_pl import create_focalnet
-from focalnet_pl import cpu_inference
+from focalnet_pl import cpu_fastpath
 from focalnet_pl.weights import load_weights
 
 
@@ -79,12 +79,12 @@ def train_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
 def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward, counted on the plain path (the counter does not see oneDNN convolutions)."""
     model.eval()
-    cpu_inference.set_enabled(False)
+    cpu_fastpath.set_enabled(False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
-        cpu_inference.set_enabled(True)
+        cpu_fastpath.set_enabled(True)
     return counter.get_total_flops()
 
 

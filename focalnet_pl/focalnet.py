@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from focalnet_pl import cpu_inference
+from focalnet_pl import cpu_fastpath
 
 
 @dataclass(frozen=True)
@@ -172,12 +172,20 @@ class FocalModulation(nn.Module):
         self.last_gates: torch.Tensor | None = None
         self.last_modulator: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``f(x)`` split into query and gates ``(B, H, W, .)`` and the context as channels-last NCHW
+        (the NHWC memory seen as NCHW: the depthwise convs run without layout copies)."""
         C = self.dim
+        if cpu_fastpath.projection_applies(self.f, x):
+            B, H, W, _ = x.shape
+            q, ctx, gates = cpu_fastpath.FocalProjection.apply(x.reshape(-1, C), self.f.weight, self.f.bias, C)
+            return q.view(B, H, W, C), ctx.view(B, H, W, C).permute(0, 3, 1, 2), gates.view(B, H, W, -1)
         qcg = self.f(x)
-        q, gates = qcg[..., :C], qcg[..., 2 * C :]
-        # NHWC memory seen as NCHW channels_last: depthwise convs run without layout copies
         ctx = qcg[..., C : 2 * C].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        return qcg[..., :C], ctx, qcg[..., 2 * C :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, ctx, gates = self._project(x)
         ctx_all = None
         for level, layer in enumerate(self.focal_layers):
             ctx = layer(ctx)
@@ -223,8 +231,8 @@ class FocalNetBlock(nn.Module):
         return x if gamma is None else x * gamma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_inference.applies(self, x):
-            return cpu_inference.block_forward(self, x)
+        if cpu_fastpath.applies(self, x):
+            return cpu_fastpath.block_forward(self, x)
         if self.use_postln:
             x = x + self.drop_path(self._scale(self.norm1(self.modulation(x)), self.gamma_1))
             return x + self.drop_path(self._scale(self.norm2(self.mlp(x)), self.gamma_2))

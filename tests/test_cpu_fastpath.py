@@ -2,19 +2,19 @@
 import pytest
 import torch
 
-from focalnet_pl import cpu_inference, create_focalnet
+from focalnet_pl import cpu_fastpath, create_focalnet
 
 
 @pytest.fixture
 def chunked_calls(monkeypatch):
     calls = []
-    original = cpu_inference.block_forward
+    original = cpu_fastpath.block_forward
 
     def counting(block, x):
         calls.append(x.shape)
         return original(block, x)
 
-    monkeypatch.setattr(cpu_inference, "block_forward", counting)
+    monkeypatch.setattr(cpu_fastpath, "block_forward", counting)
     return calls
 
 
@@ -26,22 +26,22 @@ def _perturbed_model(**overrides):
     return model
 
 
-@pytest.mark.parametrize("onednn_conv", [True, False] if cpu_inference.ONEDNN_CONV else [False])
+@pytest.mark.parametrize("onednn_conv", [True, False] if cpu_fastpath.ONEDNN_CONV else [False])
 @pytest.mark.parametrize("overrides", [
     {},
     {"use_postln": True, "use_layerscale": True, "use_postln_in_modulation": True, "normalize_modulator": True},
 ])
 def test_chunked_inference_matches_plain_forward(chunked_calls, monkeypatch, overrides, onednn_conv):
-    monkeypatch.setattr(cpu_inference, "ONEDNN_CONV", onednn_conv)
-    monkeypatch.setattr(cpu_inference, "CHUNK_TOKENS", 37)  # chunks straddle image boundaries
+    monkeypatch.setattr(cpu_fastpath, "ONEDNN_CONV", onednn_conv)
+    monkeypatch.setattr(cpu_fastpath, "CHUNK_TOKENS", 37)  # chunks straddle image boundaries
     model = _perturbed_model(**overrides)
     x = torch.randn(3, 3, 64, 80)
     with torch.no_grad():
-        cpu_inference.set_enabled(False)
+        cpu_fastpath.set_enabled(False)
         try:
             plain = model(x)
         finally:
-            cpu_inference.set_enabled(True)
+            cpu_fastpath.set_enabled(True)
         assert not chunked_calls
         chunked = model(x)
     assert len(chunked_calls) == 5, "every block should take the chunked path"
@@ -54,11 +54,11 @@ def test_dense_backbone_features_match(chunked_calls):
     x = torch.randn(2, 3, 70, 50)  # padded internally
     with torch.no_grad():
         chunked = model(x)
-        cpu_inference.set_enabled(False)
+        cpu_fastpath.set_enabled(False)
         try:
             plain = model(x)
         finally:
-            cpu_inference.set_enabled(True)
+            cpu_fastpath.set_enabled(True)
     assert chunked_calls
     for a, b in zip(chunked, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -102,10 +102,48 @@ def test_hooks_and_replaced_layers_take_the_plain_path(chunked_calls):
     block.mlp.fc1 = adapter
     with torch.no_grad():
         adapted = model(x)
-        cpu_inference.set_enabled(False)
+        cpu_fastpath.set_enabled(False)
         try:
             plain = model(x)
         finally:
-            cpu_inference.set_enabled(True)
+            cpu_fastpath.set_enabled(True)
     torch.testing.assert_close(adapted, plain)
     assert len(chunked_calls) == 6
+
+
+def test_focal_projection_gradients():
+    torch.manual_seed(0)
+    dim, levels = 5, 2
+    tokens = torch.randn(7, dim, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2 * dim + levels + 1, dim, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2 * dim + levels + 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, w, b: cpu_fastpath.FocalProjection.apply(t, w, b, dim), (tokens, weight, bias))
+    outputs = cpu_fastpath.FocalProjection.apply(tokens.detach(), weight, bias, dim)  # no gradient for the tokens
+    sum(o.sum() for o in outputs).backward()
+    assert weight.grad is not None and bias.grad is not None
+
+
+def test_training_gradients_match_the_plain_path(monkeypatch):
+    calls = []
+    original = cpu_fastpath.FocalProjection.apply
+    monkeypatch.setattr(cpu_fastpath.FocalProjection, "apply", lambda *a: calls.append(1) or original(*a))
+    model = _perturbed_model(use_layerscale=True, normalize_modulator=True).train()
+    x = torch.randn(2, 3, 48, 40)
+    target = torch.tensor([1, 5])
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(1)  # same drop-path draws
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    fast = gradients()
+    assert len(calls) == 5
+    cpu_fastpath.set_enabled(False)
+    try:
+        plain = gradients()
+    finally:
+        cpu_fastpath.set_enabled(True)
+    assert len(calls) == 5
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

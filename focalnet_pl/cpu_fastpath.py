@@ -1,24 +1,30 @@
-"""Row-chunked CPU inference for FocalNet blocks.
+"""CPU fast paths for FocalNet: row-chunked block inference, and the focal projection for training.
 
 A FocalNet block is mostly token-wise work (two LayerNorms, five linear layers, the gating, a GELU and
 two residual adds) around two to four depthwise convolutions. Run op by op in eager mode, each of those
 steps is a pass over the whole ``(B, H, W, C)`` activation through main memory, and at the
-high-resolution stages those passes cost about as much as the matrix products. At CPU inference
-:func:`block_forward` does the same arithmetic differently:
+high-resolution stages those passes cost about as much as the matrix products.
+
+At inference, :func:`block_forward` does a block's arithmetic differently:
 
 - the token-wise work runs on chunks of :data:`CHUNK_TOKENS` tokens, so a chunk's intermediates (the
   MLP's ``4C``-wide hidden layer included) stay in cache from one op to the next;
-- results are written in place (``out=``, ``addcmul_``) and biases are added inside the GEMM;
+- results are written in place (``out=``, ``addcmul_``, in-place GELU) and biases are added inside
+  the GEMM, so few large tensors are allocated (on Linux each fresh one costs page faults);
 - ``f``'s three outputs (query, context, gates) come from three GEMMs on row slices of its weight, so
   the context lands dense in the layout the depthwise convolutions read (no copy) and no GEMM has
   ``f``'s odd output width ``2C + L + 1``, which MKL runs about 20% slower than an even one;
 - with oneDNN, each depthwise convolution applies its GELU inside the convolution kernel.
 
-It gives the plain forward's numbers (tested to 1e-5) and is taken only where nothing else changes:
-float32 CPU tensors in eval mode, without autograd, autocast, ``torch.compile`` tracing, sharded
-(DTensor) parameters, modulation-map recording, forward hooks or replaced layers (such as adapters).
-Everything else, training included, takes the
-plain PyTorch path. ``docs/benchmarks.md`` has the measurements.
+With autograd (training), :class:`FocalProjection` computes ``f`` the same three-GEMM way and writes
+its gradients straight into the slices of one input / weight gradient, where slicing one ``f`` output
+would make autograd build, zero-fill and sum a full-size gradient for each slice.
+
+Both give the plain forward's numbers (tested to 1e-5) and are taken only where nothing else changes:
+float32 CPU tensors, without autocast, ``torch.compile`` tracing, sharded (DTensor) parameters, forward
+hooks or replaced layers (such as adapters); the block path also needs eval mode, no autograd and no
+modulation-map recording. Everything else takes the plain PyTorch path. ``docs/benchmarks.md`` has the
+measurements.
 """
 from __future__ import annotations
 
@@ -31,7 +37,9 @@ from torch import nn
 if TYPE_CHECKING:
     from focalnet_pl.focalnet import FocalModulation, FocalNetBlock
 
-__all__ = ["CHUNK_TOKENS", "ONEDNN_CONV", "applies", "block_forward", "set_enabled"]
+__all__ = [
+    "CHUNK_TOKENS", "ONEDNN_CONV", "FocalProjection", "applies", "block_forward", "projection_applies", "set_enabled",
+]
 
 #: tokens per chunk of token-wise work (2048 x 128 channels: 1 MB of input, 4 MB of MLP hidden layer)
 CHUNK_TOKENS = 2048
@@ -41,34 +49,49 @@ _enabled = True
 
 
 def set_enabled(enabled: bool) -> None:
-    """Switch the chunked inference path on or off globally (on by default)."""
+    """Switch the CPU fast paths on or off globally (on by default)."""
     global _enabled
     _enabled = enabled
+
+
+def _plain_float32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        _enabled
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and type(weight.data) is torch.Tensor
+        and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def _unhooked(*modules: nn.Module) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def applies(block: FocalNetBlock, x: torch.Tensor) -> bool:
     """True when ``block(x)`` can take :func:`block_forward` (see the module docstring)."""
     return (
-        _enabled
-        and not block.training
+        not block.training
+        and not torch.is_grad_enabled()
         and not block.modulation.record_maps
         and block.modulation.focal_level > 0
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and type(block.norm2.weight.data) is torch.Tensor
+        and _plain_float32_cpu(x, block.norm2.weight)
         and _unmodified(block)
     )
+
+
+def projection_applies(f: nn.Module, x: torch.Tensor) -> bool:
+    """True when the focal projection ``f(x)`` can take :class:`FocalProjection`."""
+    return type(f) is nn.Linear and f.bias is not None and _plain_float32_cpu(x, f.weight) and _unhooked(f)
 
 
 def _unmodified(block: FocalNetBlock) -> bool:
     """No hooks anywhere in the block and its layers are the stock ones: :func:`block_forward` reads
     their weights directly, so a forward hook or a replaced layer (e.g. a LoRA adapter) needs the
     plain forward, which calls the modules."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return False
     modulation, mlp = block.modulation, block.mlp
     layers = (modulation.f, modulation.h, modulation.proj, mlp.fc1, mlp.fc2)
     norms = (block.norm1, block.norm2) + ((modulation.ln,) if modulation.ln is not None else ())
@@ -78,8 +101,40 @@ def _unmodified(block: FocalNetBlock) -> bool:
         and all(type(norm) is nn.LayerNorm for norm in norms)
         and all(type(level[0]) is nn.Conv2d for level in modulation.focal_layers)
         and all(type(gelu) is nn.GELU and gelu.approximate == "none" for gelu in gelus)
-        and not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules())
+        and _unhooked(*block.modules())
     )
+
+
+class FocalProjection(torch.autograd.Function):
+    """``f``'s query ``(M, C)``, context ``(M, C)`` and gates ``(M, L + 1)`` from tokens ``(M, C)``."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int):
+        ctx.save_for_backward(tokens, weight)
+        ctx.dim = dim
+        return tuple(torch.addmm(bias[rows], tokens, weight[rows].t()) for rows in _projection_rows(dim))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        tokens, weight = ctx.saved_tensors
+        rows = _projection_rows(ctx.dim)
+        grad_tokens = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_tokens = torch.mm(grads[0], weight[rows[0]])
+            for grad, part in zip(grads[1:], rows[1:]):
+                grad_tokens.addmm_(grad, weight[part])
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.empty_like(weight)
+            for grad, part in zip(grads, rows):
+                torch.mm(grad.t(), tokens, out=grad_weight[part])
+        if ctx.needs_input_grad[2]:
+            grad_bias = torch.cat([grad.sum(0) for grad in grads])
+        return grad_tokens, grad_weight, grad_bias, None
+
+
+def _projection_rows(dim: int) -> tuple[slice, slice, slice]:
+    """Rows of ``f``'s weight giving the query, the context and the gates."""
+    return slice(0, dim), slice(dim, 2 * dim), slice(2 * dim, None)
 
 
 def _row_chunks(rows: int) -> list[tuple[int, int]]:
@@ -117,9 +172,8 @@ def _project(block: FocalNetBlock, tokens: torch.Tensor, shape: tuple[int, int, 
         x = tokens[start:stop]
         if not block.use_postln:
             x = _layer_norm(x, block.norm1)
-        torch.addmm(bias[:C], x, weight[:C].t(), out=query[start:stop])
-        torch.addmm(bias[C : 2 * C], x, weight[C : 2 * C].t(), out=context_rows[start:stop])
-        torch.addmm(bias[2 * C :], x, weight[2 * C :].t(), out=gates[start:stop])
+        for rows, out in zip(_projection_rows(C), (query, context_rows, gates)):
+            torch.addmm(bias[rows], x, weight[rows].t(), out=out[start:stop])
     return query, context, gates
 
 
