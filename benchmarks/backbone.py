@@ -79,12 +79,8 @@ def train_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
 def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward, counted on the plain path (the counter does not see oneDNN convolutions)."""
     model.eval()
-    cpu_fastpath.set_enabled(False)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        cpu_fastpath.set_enabled(True)
+    with cpu_fastpath.disabled(), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
     return counter.get_total_flops()
 
 

@@ -28,6 +28,8 @@ measurements.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
     from focalnet_pl.focalnet import FocalModulation, FocalNetBlock
 
 __all__ = [
-    "CHUNK_TOKENS", "ONEDNN_CONV", "FocalProjection", "applies", "block_forward", "projection_applies", "set_enabled",
+    "CHUNK_TOKENS", "ONEDNN_CONV", "FocalProjection", "applies", "block_forward", "disabled", "projection_applies",
+    "set_enabled",
 ]
 
 #: tokens per chunk of token-wise work (2048 x 128 channels: 1 MB of input, 4 MB of MLP hidden layer)
@@ -52,6 +55,17 @@ def set_enabled(enabled: bool) -> None:
     """Switch the CPU fast paths on or off globally (on by default)."""
     global _enabled
     _enabled = enabled
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Run the plain PyTorch path inside the ``with`` block (e.g. to compare against it)."""
+    previous = _enabled
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
 
 
 def _plain_float32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:

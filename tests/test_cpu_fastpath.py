@@ -37,11 +37,8 @@ def test_chunked_inference_matches_plain_forward(chunked_calls, monkeypatch, ove
     model = _perturbed_model(**overrides)
     x = torch.randn(3, 3, 64, 80)
     with torch.no_grad():
-        cpu_fastpath.set_enabled(False)
-        try:
+        with cpu_fastpath.disabled():
             plain = model(x)
-        finally:
-            cpu_fastpath.set_enabled(True)
         assert not chunked_calls
         chunked = model(x)
     assert len(chunked_calls) == 5, "every block should take the chunked path"
@@ -54,11 +51,8 @@ def test_dense_backbone_features_match(chunked_calls):
     x = torch.randn(2, 3, 70, 50)  # padded internally
     with torch.no_grad():
         chunked = model(x)
-        cpu_fastpath.set_enabled(False)
-        try:
+        with cpu_fastpath.disabled():
             plain = model(x)
-        finally:
-            cpu_fastpath.set_enabled(True)
     assert chunked_calls
     for a, b in zip(chunked, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -102,11 +96,8 @@ def test_hooks_and_replaced_layers_take_the_plain_path(chunked_calls):
     block.mlp.fc1 = adapter
     with torch.no_grad():
         adapted = model(x)
-        cpu_fastpath.set_enabled(False)
-        try:
+        with cpu_fastpath.disabled():
             plain = model(x)
-        finally:
-            cpu_fastpath.set_enabled(True)
     torch.testing.assert_close(adapted, plain)
     assert len(chunked_calls) == 6
 
@@ -139,11 +130,8 @@ def test_training_gradients_match_the_plain_path(monkeypatch):
 
     fast = gradients()
     assert len(calls) == 5
-    cpu_fastpath.set_enabled(False)
-    try:
+    with cpu_fastpath.disabled():
         plain = gradients()
-    finally:
-        cpu_fastpath.set_enabled(True)
     assert len(calls) == 5
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
