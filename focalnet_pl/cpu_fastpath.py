@@ -126,7 +126,7 @@ class FocalProjection(torch.autograd.Function):
     def forward(ctx, tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int):
         ctx.save_for_backward(tokens, weight)
         ctx.dim = dim
-        return tuple(torch.addmm(bias[rows], tokens, weight[rows].t()) for rows in _projection_rows(dim))
+        return _project_tokens(tokens, weight, bias, dim)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -149,6 +149,16 @@ class FocalProjection(torch.autograd.Function):
 def _projection_rows(dim: int) -> tuple[slice, slice, slice]:
     """Rows of ``f``'s weight giving the query, the context and the gates."""
     return slice(0, dim), slice(dim, 2 * dim), slice(2 * dim, None)
+
+
+def _project_tokens(
+    tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int,
+    outs: tuple[torch.Tensor | None, ...] = (None, None, None),
+) -> tuple[torch.Tensor, ...]:
+    """Query, context and gates of ``f`` as three GEMMs (written into ``outs`` where given)."""
+    return tuple(
+        torch.addmm(bias[rows], tokens, weight[rows].t(), out=out) for rows, out in zip(_projection_rows(dim), outs)
+    )
 
 
 def _row_chunks(rows: int) -> list[tuple[int, int]]:
@@ -186,8 +196,7 @@ def _project(block: FocalNetBlock, tokens: torch.Tensor, shape: tuple[int, int, 
         x = tokens[start:stop]
         if not block.use_postln:
             x = _layer_norm(x, block.norm1)
-        for rows, out in zip(_projection_rows(C), (query, context_rows, gates)):
-            torch.addmm(bias[rows], x, weight[rows].t(), out=out[start:stop])
+        _project_tokens(x, weight, bias, C, (query[start:stop], context_rows[start:stop], gates[start:stop]))
     return query, context, gates
 
 
