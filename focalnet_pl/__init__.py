@@ -1,4 +1,5 @@
 """focalnet-pl: Focal Modulation Networks on PyTorch Lightning and detectron2."""
+from focalnet_pl.detector_weights import DetectorLoadReport, load_detector_weights
 from focalnet_pl.focalnet import (
     VARIANTS,
     FocalNet,
@@ -12,6 +13,6 @@ from focalnet_pl.focalnet import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "VARIANTS", "FocalNet", "FocalNetConfig", "count_parameters", "create_focalnet", "list_variants",
-    "variant_config",
+    "VARIANTS", "DetectorLoadReport", "FocalNet", "FocalNetConfig", "count_parameters", "create_focalnet",
+    "list_variants", "load_detector_weights", "variant_config",
 ]

@@ -26,6 +26,7 @@ from torch import nn
 
 from focalnet_pl.d2.backbone import FocalNetBackbone
 from focalnet_pl.d2.config import NUM_CLASSES_KEYS, build_detectron2_cfg, get_dotted, has_dotted
+from focalnet_pl.detector_weights import DetectorLoadReport, load_detector_weights
 from focalnet_pl.evaluation.coco import COCOInstanceEvaluator, format_coco_table, instances_to_coco_results
 from focalnet_pl.evaluation.gather import gather_unique_by_key
 from focalnet_pl.distributed import maybe_fully_shard
@@ -105,6 +106,7 @@ class DetectionTask(L.LightningModule):
         self._evaluator: COCOInstanceEvaluator | None = None
         self._predictions: dict[int, tuple[dict, list[dict]]] = {}
         self._checkpoint_metadata: Metadata | None = None
+        self.weights_report: DetectorLoadReport | None = None
 
     # ---- model --------------------------------------------------------------------------------
     def _build_model(self, num_classes: int) -> None:
@@ -139,12 +141,24 @@ class DetectionTask(L.LightningModule):
             self._build_model(data_classes)
         elif self.model is not None and data_classes is not None and data_classes != self.num_classes:
             raise ValueError(f"the model predicts {self.num_classes} classes but the datamodule has {data_classes}")
+        if self.cfg.MODEL.WEIGHTS and self.weights_report is None and self.model is not None:
+            self._load_model_weights()
         data_hparams = getattr(self._datamodule(), "hparams", None)
         data_format = data_hparams.get("image_format") if isinstance(data_hparams, Mapping) else None
         if data_format is not None and data_format != self.cfg.INPUT.FORMAT:
             raise ValueError(
                 f"the datamodule gives {data_format} images but detectron2.INPUT.FORMAT is {self.cfg.INPUT.FORMAT!r}"
             )
+
+    def _load_model_weights(self) -> None:
+        """``MODEL.WEIGHTS``: a full detector checkpoint (official, detrex, mmdetection or ours), class rows
+        chosen by the datamodule's category ids (see :func:`focalnet_pl.load_detector_weights`)."""
+        metadata = self._data_metadata()
+        class_ids = None
+        if metadata is not None and metadata.get("thing_dataset_id_to_contiguous_id", None):
+            to_dataset = {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
+            class_ids = [to_dataset[i] for i in range(len(to_dataset))]
+        self.weights_report = load_detector_weights(self._require_model(), self.cfg.MODEL.WEIGHTS, class_ids=class_ids)
 
     def configure_model(self) -> None:
         """Shard with FSDP2 under ``FSDP2Strategy`` (no-op under other strategies, never twice)."""
