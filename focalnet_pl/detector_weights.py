@@ -117,7 +117,7 @@ class DetectorLayout(Protocol):
 DETECTOR_LAYOUTS: list[DetectorLayout] = []
 
 #: Modules that register their layouts on import (imported by :func:`detect_detector_layout`).
-LAYOUT_MODULES: list[str] = []
+LAYOUT_MODULES: list[str] = ["focalnet_pl.d2.mmdet_weights"]
 
 #: Classes a detector checkpoint may pickle besides tensors (``args`` of the official DINO ``main.py``).
 SAFE_CHECKPOINT_GLOBALS: list[Any] = []
