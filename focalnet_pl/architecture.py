@@ -42,10 +42,11 @@ def closest_variant(cfg: FocalNetConfig | Mapping[str, Any]) -> str | None:
     return None
 
 
-def focalnet_settings(cfg: FocalNetConfig) -> dict[str, Any]:
-    """``cfg`` as plain data, without its training-only settings, plus the variant it is."""
+def focalnet_settings(cfg: FocalNetConfig, variant: str | None = None) -> dict[str, Any]:
+    """``cfg`` as plain data, without its training-only settings, with the variant it was built as
+    (else the released variant it matches)."""
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k not in _TRAINING_ONLY}
-    return {"variant": closest_variant(cfg), **settings}
+    return {"variant": variant or closest_variant(cfg), **settings}
 
 
 def _flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -199,10 +199,15 @@ def _fit_class_rows(key: str, value: Tensor, target: Tensor, spec: ClassRows,
                   f"model {_class_count(spec, target.shape[spec.dim])}")
 
 
-def detect_detector_layout(checkpoint: Mapping[str, Any]) -> DetectorLayout:
-    """The first registered layout that recognises ``checkpoint``."""
+def import_layout_modules() -> None:
+    """Import :data:`LAYOUT_MODULES` (they register their layouts and safe pickle globals)."""
     for module in LAYOUT_MODULES:
         importlib.import_module(module)
+
+
+def detect_detector_layout(checkpoint: Mapping[str, Any]) -> DetectorLayout:
+    """The first registered layout that recognises ``checkpoint``."""
+    import_layout_modules()
     for layout in DETECTOR_LAYOUTS:
         if layout.matches(checkpoint):
             return layout
@@ -239,6 +244,7 @@ def load_detector_weights(
         a :class:`DetectorLoadReport`, also logged.
     """
     name = str(source) if isinstance(source, (str, Path)) else "<checkpoint dict>"
+    import_layout_modules()  # before reading: they declare the classes a checkpoint may pickle
     checkpoint = (
         read_detector_checkpoint(source, SAFE_CHECKPOINT_GLOBALS) if isinstance(source, (str, Path)) else source
     )

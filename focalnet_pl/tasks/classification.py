@@ -117,7 +117,7 @@ class ClassificationTask(L.LightningModule):
         data = getattr(datamodule, "hparams", None) or {}
         return {
             "task": "classification",
-            "focalnet": focalnet_settings(self.model.cfg) if self.model is not None else None,
+            "focalnet": focalnet_settings(self.model.cfg, self.hparams.variant) if self.model is not None else None,
             "num_classes": self.hparams.num_classes,
             "class_names": self.class_name_list(),
             "input_format": "RGB",

@@ -213,7 +213,7 @@ class DetectionTask(L.LightningModule):
         return {
             "task": "detection",
             "meta_architecture": self.meta_architecture,
-            "focalnet": focalnet_settings(backbone.body.cfg) if backbone is not None else None,
+            "focalnet": focalnet_settings(backbone.body.cfg, self.cfg.MODEL.FOCALNET.VARIANT) if backbone is not None else None,
             "out_features": list(backbone.output_shape()) if backbone is not None else None,
             "feature_levels": levels,
             "mask_on": bool(self.cfg.MODEL.MASK_ON),
