@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from test_mmdet_mask_rcnn import mask_rcnn, mmdet_checkpoint
+from test_mmdet_mask_rcnn import mask_rcnn, mask_rcnn_config, mmdet_checkpoint
 
 from focalnet_pl import create_focalnet
 from focalnet_pl.architecture import ARCHITECTURE_KEY
@@ -35,6 +35,11 @@ def test_full_detector_checkpoint_as_backbone_weights_reports_what_it_did_not_us
     # the same file as MODEL.FOCALNET.WEIGHTS of a Mask R-CNN: the backbone says so too
     model = mask_rcnn(FOCALNET={"WEIGHTS": str(path)})
     assert sorted(model.backbone.bottom_up.body.weights_report.ignored) == heads
+    # given as the detector's weights, every tensor is used
+    task = DetectionTask(detectron2=mask_rcnn_config(), weights=str(path))
+    task.setup("test")
+    assert task.weights_report.layout == "mmdet-mask-rcnn" and not task.weights_report.problems()
+    assert len(task.weights_report.loaded) + len(task.weights_report.converted) == len(checkpoint["state_dict"])
 
 
 def test_backbone_weights_of_another_architecture_fail_naming_the_differences(tmp_path):

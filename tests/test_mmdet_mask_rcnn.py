@@ -40,7 +40,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def mask_rcnn(num_classes: int = 80, **model_overrides) -> torch.nn.Module:
+def mask_rcnn_config(num_classes: int = 80, **model_overrides) -> dict:
+    """A small Mask R-CNN with the released heads' structure (4-conv mask head) and anchors."""
     model = {
         "META_ARCHITECTURE": "GeneralizedRCNN", "MASK_ON": True, "DEVICE": "cpu",
         "PIXEL_MEAN": [123.675, 116.28, 103.53], "PIXEL_STD": [58.395, 57.12, 57.375],
@@ -56,7 +57,11 @@ def mask_rcnn(num_classes: int = 80, **model_overrides) -> torch.nn.Module:
     }
     for key, value in model_overrides.items():
         model[key] = {**model[key], **value} if isinstance(value, dict) else value
-    return build_model(build_detectron2_cfg({"MODEL": model, "TEST": {"DETECTIONS_PER_IMAGE": 30}})).eval()
+    return {"MODEL": model, "TEST": {"DETECTIONS_PER_IMAGE": 30}}
+
+
+def mask_rcnn(num_classes: int = 80, **model_overrides) -> torch.nn.Module:
+    return build_model(build_detectron2_cfg(mask_rcnn_config(num_classes, **model_overrides))).eval()
 
 
 def _param(generator: torch.Generator, *shape: int, scale: float | None = None) -> torch.Tensor:

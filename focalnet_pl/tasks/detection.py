@@ -8,6 +8,7 @@ decay with warmup), COCO evaluation for validate/test and drawing + COCO json fo
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from focalnet_pl.tasks.callbacks import SamplePredictionLogger, default_task_cal
 
 __all__ = ["DetectionTask"]
 
+log = logging.getLogger(__name__)
+
 #: FSDP2 units of the detectors (class names absent from a model are ignored)
 FSDP_BLOCK_TYPES = (
     FocalNetBlock,
@@ -67,7 +70,7 @@ class DetectionTask(L.LightningModule):
         checkpoint_every_n_steps: also refresh ``last.ckpt`` every that many steps (mid-epoch resume).
         log_samples: validation images drawn with their predictions sent to TensorBoard each validation (0: off).
         weights: full detector checkpoint to start from or evaluate (path, https URL or ``zoo:NAME``,
-            e.g. ``zoo:mask_rcnn_focalnet_t_srf_1x``); the same as ``MODEL.WEIGHTS`` (set one of them).
+            e.g. ``zoo:mask_rcnn_focalnet_t_srf_1x``); replaces ``MODEL.WEIGHTS`` when given.
     """
 
     def __init__(
@@ -93,7 +96,7 @@ class DetectionTask(L.LightningModule):
         overrides = detectron2 or {}
         self.cfg: CfgNode = build_detectron2_cfg(overrides)
         if weights and self.cfg.MODEL.WEIGHTS and weights != self.cfg.MODEL.WEIGHTS:
-            raise ValueError(f"weights={weights!r} and detectron2.MODEL.WEIGHTS={self.cfg.MODEL.WEIGHTS!r}: set one of them")
+            log.info("weights=%s replaces detectron2.MODEL.WEIGHTS=%s", weights, self.cfg.MODEL.WEIGHTS)
         self.weights_source: str = weights or self.cfg.MODEL.WEIGHTS
         self.meta_architecture: str = self.cfg.MODEL.META_ARCHITECTURE
         self.evaluate_masks = bool(self.cfg.MODEL.MASK_ON)
