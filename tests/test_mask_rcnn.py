@@ -45,13 +45,7 @@ SMALL_IMAGES = {"train_min_sizes": [64], "train_max_size": 96, "crop_resize_size
                 "test_min_size": 64, "test_max_size": 96, "batch_size": 2, "eval_batch_size": 2, "num_workers": 0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small ops: one intra-op thread is fastest, and robust on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops
 
 
 def deep_update(base: dict, update: dict) -> dict:

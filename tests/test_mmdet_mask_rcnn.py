@@ -32,12 +32,7 @@ RPN_STDS, RCNN_STDS = (1.0, 1.0, 1.0, 1.0), (0.1, 0.1, 0.2, 0.2)
 IMAGE_SIZES = [(463, 417), (385, 449)]  # odd sizes, padded to one 480 x 480 batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mask_rcnn_config(num_classes: int = 80, **model_overrides) -> dict:
