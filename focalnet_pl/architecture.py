@@ -14,8 +14,8 @@ from typing import Any
 
 from focalnet_pl.focalnet import VARIANTS, FocalNetConfig
 
-__all__ = ["ARCHITECTURE_KEY", "DATA_FIELDS", "check_architecture", "describe_differences", "focalnet_settings",
-           "closest_variant"]
+__all__ = ["ARCHITECTURE_KEY", "DATA_FIELDS", "check_architecture", "closest_variant", "describe_differences",
+           "focalnet_settings", "require_task_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +78,14 @@ def check_architecture(saved: Mapping[str, Any] | None, current: Mapping[str, An
         raise ValueError(f"{source} was written by another architecture than this config builds: " + "; ".join(differences))
     if differences:
         log.warning("%s was written for other data than this config: %s", source, "; ".join(differences))
+
+
+def require_task_checkpoint(checkpoint: Mapping[str, Any], weights_argument: str) -> None:
+    """Refuse, pointing to ``weights_argument``, a file given as ``--ckpt_path`` that is no Lightning
+    checkpoint (a released or pretrained weights file)."""
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise ValueError(
+            f"--ckpt_path takes a Lightning checkpoint of this task; this file has no 'state_dict' (top-level keys "
+            f"{sorted(checkpoint)[:8]}). Released or pretrained weights go in {weights_argument} "
+            "(`focalnet-pl inspect FILE` tells what it is)"
+        )

@@ -25,7 +25,13 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from focalnet_pl.weights import CheckpointError, StateDict, resolve_source
+from focalnet_pl.weights import (
+    CheckpointError,
+    StateDict,
+    architecture_differences,
+    focalnet_architecture,
+    resolve_source,
+)
 
 __all__ = [
     "DETECTOR_LAYOUTS",
@@ -218,6 +224,21 @@ def detect_detector_layout(checkpoint: Mapping[str, Any]) -> DetectorLayout:
     )
 
 
+def _backbone_differences(tensors: Mapping[str, Tensor], model: nn.Module) -> str:
+    """``". Backbone differs: ..."`` when the checkpoint's FocalNet is another architecture than the model's."""
+    from focalnet_pl.focalnet import FocalNet
+
+    prefix = next((f"{name}." for name, module in model.named_modules() if isinstance(module, FocalNet)), None)
+    if prefix is None:
+        return ""
+    theirs = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not theirs:
+        return ""
+    ours = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    differences = architecture_differences(focalnet_architecture(theirs), focalnet_architecture(ours))
+    return f". Backbone differs: {'; '.join(differences)}" if differences else ""
+
+
 def load_detector_weights(
     model: nn.Module,
     source: str | Path | Mapping[str, Any],
@@ -279,6 +300,7 @@ def load_detector_weights(
     if strict and report.problems():
         raise CheckpointError(
             f"Checkpoint {name} ({layout.name} layout) does not fit the model: {report.problems()}"
+            + _backbone_differences(state.tensors, model)
         )
     model.load_state_dict(loaded, strict=False)
     log.info("Loaded detector weights: %s", report.summary())

@@ -93,6 +93,8 @@ def test_task_checkpoints_carry_their_architecture_and_refuse_another(tmp_path):
     with pytest.raises(ValueError, match=r"focalnet.embed_dim: checkpoint 16, config 24; focalnet.focal_levels: "
                                          r"checkpoint \[2, 2, 2, 2\], config \[3, 3, 3, 3\]"):
         other.on_load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match=r"--ckpt_path takes a Lightning checkpoint.*in model.init_args.weights"):
+        task.on_load_checkpoint({"model": task.model.state_dict()})  # a released classifier given as --ckpt_path
 
     def dino(levels: int) -> DetectionTask:
         return DetectionTask(detectron2={"MODEL": {
@@ -110,6 +112,8 @@ def test_task_checkpoints_carry_their_architecture_and_refuse_another(tmp_path):
                                          r"\['res3', 'res4', 'res5'\]; feature_levels.MODEL.DINO.NUM_FEATURE_LEVELS: "
                                          r"checkpoint 4, config 3"):
         dino(3).on_load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match=r"no 'state_dict' \(top-level keys \['meta', 'model'\]\).*MODEL.WEIGHTS"):
+        four.on_load_checkpoint({"meta": {}, "model": four.model.state_dict()})
 
 
 def test_inspect_tells_what_a_file_is(tmp_path, capsys):

@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings
+from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings, require_task_checkpoint
 from focalnet_pl.distributed import maybe_fully_shard
 from focalnet_pl.focalnet import FocalNet, FocalNetBlock, create_focalnet
 from focalnet_pl.labels import class_names_from_file, imagenet_class_names
@@ -254,6 +254,7 @@ class ClassificationTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture (naming every difference); checkpoints written
         before the training accuracy was persistent load with a fresh accumulator."""
+        require_task_checkpoint(checkpoint, "model.init_args.weights")
         if self.model is not None:
             check_architecture(checkpoint.get(ARCHITECTURE_KEY), self.architecture())
         state = checkpoint.get("state_dict")

@@ -25,7 +25,7 @@ from detectron2.utils.events import EventStorage
 from PIL import Image
 from torch import nn
 
-from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings
+from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings, require_task_checkpoint
 from focalnet_pl.d2.backbone import FocalNetBackbone
 from focalnet_pl.d2.config import NUM_CLASSES_KEYS, build_detectron2_cfg, get_dotted, has_dotted
 from focalnet_pl.detector_weights import DetectorLoadReport, load_detector_weights
@@ -236,6 +236,7 @@ class DetectionTask(L.LightningModule):
         checkpoint[ARCHITECTURE_KEY] = self.architecture()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        require_task_checkpoint(checkpoint, "model.init_args.weights (MODEL.WEIGHTS)")
         info = checkpoint.get("detection")
         if not isinstance(info, dict):
             raise ValueError("not a DetectionTask checkpoint (no 'detection' entry)")
