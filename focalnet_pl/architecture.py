@@ -80,12 +80,16 @@ def check_architecture(saved: Mapping[str, Any] | None, current: Mapping[str, An
         log.warning("%s was written for other data than this config: %s", source, "; ".join(differences))
 
 
+#: Entries of a Lightning checkpoint (a sharded FSDP one has no ``state_dict``: its weights are read apart).
+_LIGHTNING_KEYS = ("state_dict", "pytorch-lightning_version", "global_step", ARCHITECTURE_KEY)
+
+
 def require_task_checkpoint(checkpoint: Mapping[str, Any], weights_argument: str) -> None:
     """Refuse, pointing to ``weights_argument``, a file given as ``--ckpt_path`` that is no Lightning
     checkpoint (a released or pretrained weights file)."""
-    if not isinstance(checkpoint.get("state_dict"), Mapping):
+    if not any(key in checkpoint for key in _LIGHTNING_KEYS):
         raise ValueError(
-            f"--ckpt_path takes a Lightning checkpoint of this task; this file has no 'state_dict' (top-level keys "
+            f"--ckpt_path takes a Lightning checkpoint of this task; this file has none of {list(_LIGHTNING_KEYS)} (top-level keys "
             f"{sorted(checkpoint)[:8]}). Released or pretrained weights go in {weights_argument} "
             "(`focalnet-pl inspect FILE` tells what it is)"
         )

@@ -226,16 +226,21 @@ def split_focalnet_layout(state_dict: StateDict) -> tuple[str, StateDict, list[s
     ``transformer.*``, ...).
     """
     layout, prefix = detect_layout(state_dict)
-    keep = (lambda k: k.startswith(prefix))
-    if layout == "hf":  # HF classifiers keep the head outside the ``focalnet.`` sub-module
-        outer = prefix[: -len("focalnet.")] if prefix.endswith("focalnet.") else prefix
-        keep = (lambda k: k.startswith(prefix) or k.startswith(outer + "classifier."))
-        items = {(k[len(prefix):] if k.startswith(prefix) else k[len(outer):]): v for k, v in state_dict.items() if keep(k)}
-        converted = {_from_hf(k): v for k, v in items.items()}
-    else:
-        items = {k[len(prefix):]: v for k, v in state_dict.items() if keep(k)}
-        converted = {_from_timm(k): v for k, v in items.items()} if layout == "timm" else items
-    return layout, converted, [k for k in state_dict if not keep(k)]
+    # prefix of the kept keys -> how much of it to strip (HF classifiers keep the head outside ``focalnet.``)
+    strips = {prefix: len(prefix)}
+    if layout == "hf":
+        outer = prefix.removesuffix("focalnet.")
+        strips[outer + "classifier."] = len(outer)
+    items: StateDict = {}
+    ignored: list[str] = []
+    for key, value in state_dict.items():
+        start = next((p for p in strips if key.startswith(p)), None)
+        if start is None:
+            ignored.append(key)
+        else:
+            items[key[strips[start]:]] = value
+    rename = {"hf": _from_hf, "timm": _from_timm}.get(layout)
+    return layout, ({rename(k): v for k, v in items.items()} if rename else items), ignored
 
 
 def to_focalnet_layout(state_dict: StateDict) -> StateDict:

@@ -51,6 +51,11 @@ def test_backbone_weights_of_another_architecture_fail_naming_the_differences(tm
         create_focalnet("focalnet_tiny_lrf", num_classes=5, weights=str(path), embed_dim=16, depths=(1, 1, 2, 1))
     with pytest.raises(CheckpointError, match=r"focal_levels: checkpoint \(3, 3, 3, 3\), model \(2, 2, 2, 2\)"):
         create_focalnet("focalnet_tiny_srf", num_classes=5, weights=str(path), **TINY)
+    # MODEL.FOCALNET.WEIGHTS goes through the same loader
+    detector = tmp_path / "mask_rcnn_width_24.pth"
+    torch.save(mmdet_checkpoint(width=24), detector)
+    with pytest.raises(CheckpointError, match=r"Architecture differs: embed_dim: checkpoint 24, model 16"):
+        mask_rcnn(FOCALNET={"WEIGHTS": str(detector)})
 
 
 def test_imagenet_22k_head_keeps_the_1k_rows_and_predict_names_its_classes(tmp_path):
@@ -112,7 +117,7 @@ def test_task_checkpoints_carry_their_architecture_and_refuse_another(tmp_path):
                                          r"\['res3', 'res4', 'res5'\]; feature_levels.MODEL.DINO.NUM_FEATURE_LEVELS: "
                                          r"checkpoint 4, config 3"):
         dino(3).on_load_checkpoint(checkpoint)
-    with pytest.raises(ValueError, match=r"no 'state_dict' \(top-level keys \['meta', 'model'\]\).*MODEL.WEIGHTS"):
+    with pytest.raises(ValueError, match=r"top-level keys \['meta', 'model'\]\).*MODEL.WEIGHTS"):
         four.on_load_checkpoint({"meta": {}, "model": four.model.state_dict()})
 
 

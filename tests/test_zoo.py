@@ -12,6 +12,9 @@ import pytest
 import torch
 import yaml
 
+from test_mmdet_mask_rcnn import mask_rcnn, mmdet_checkpoint
+
+from focalnet_pl import load_detector_weights
 from focalnet_pl import weights as weights_module
 from focalnet_pl.cli import main as cli_main
 from focalnet_pl.focalnet import VARIANTS
@@ -116,3 +119,16 @@ def test_zoo_command_lists_and_shows_entries(capsys):
             "--model.init_args.weights zoo:mask_rcnn_focalnet_t_srf_1x") in shown
     cli_main(["zoo", "--task", "classification"])
     assert "12 checkpoints" in capsys.readouterr().out
+
+
+def test_model_weights_zoo_name_loads_from_the_cache_or_fails_naming_the_url(hub_dir, monkeypatch):
+    """``MODEL.WEIGHTS: zoo:NAME`` (load_detector_weights): offline and absent -> the URL and the path;
+    once the file is where the error said, it loads."""
+    entry = zoo_entry("mask_rcnn_focalnet_t_srf_1x")
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    with pytest.raises(CheckpointError, match=f"{entry.url} is not in the download cache"):
+        load_detector_weights(mask_rcnn(), entry.source)
+    cache_path(entry.url).parent.mkdir(parents=True)
+    torch.save(mmdet_checkpoint(), cache_path(entry.url))
+    report = load_detector_weights(mask_rcnn(), entry.source)
+    assert report.layout == "mmdet-mask-rcnn" and report.source == "zoo:mask_rcnn_focalnet_t_srf_1x"
