@@ -47,7 +47,10 @@ class ZooEntry:
 
     def command(self) -> str:
         """The command that evaluates (or, for pretraining checkpoints, uses) this checkpoint."""
-        return f"python cli.py test --config {self.config} --model.init_args.weights {self.source}"
+        command = f"python cli.py test --config {self.config} --model.init_args.weights {self.source}"
+        if self.task == "classification":  # one fine-tuning config serves every 22K variant
+            command += f" --model.init_args.variant {self.variant} --data.init_args.image_size {self.image_size}"
+        return command
 
 
 @lru_cache(maxsize=1)

@@ -117,6 +117,9 @@ def test_zoo_command_lists_and_shows_entries(capsys):
     assert "https://projects4jw.blob.core.windows.net/focalnet/release/detection/focalnet_tiny_srf_maskrcnn_1x.pth" in shown
     assert ("python cli.py test --config configs/mask_rcnn_focalnet_t_srf_1x.yaml "
             "--model.init_args.weights zoo:mask_rcnn_focalnet_t_srf_1x") in shown
+    cli_main(["zoo", "focalnet_huge_fl3_22k"])
+    assert ("--config configs/classification/finetune_22k_to_1k.yaml --model.init_args.weights zoo:focalnet_huge_fl3_22k "
+            "--model.init_args.variant focalnet_huge_fl3 --data.init_args.image_size 224") in capsys.readouterr().out
     cli_main(["zoo", "--task", "classification"])
     assert "12 checkpoints" in capsys.readouterr().out
 
