@@ -78,6 +78,8 @@ EXTRA_COMMANDS = {
     "export": "focalnet_pl.export",
     "modulation-maps": "focalnet_pl.visualize.modulation",
     "consolidate": "focalnet_pl.distributed",
+    "zoo": "focalnet_pl.zoo",
+    "inspect": "focalnet_pl.describe",
 }
 
 

@@ -6,7 +6,8 @@
 ``backbone`` writes the FocalNet (official parameter names, its classifier head included when it has
 one) so that ``create_focalnet(variant, weights=...)`` or :func:`focalnet_from_export` reads it back;
 ``model`` writes the whole LightningModule ``state_dict``. The FocalNet config, the task's
-hyper-parameters and the run config go in the safetensors metadata and in a sidecar ``.yaml``.
+architecture record (classes, feature levels, input format, evaluation size), its hyper-parameters and
+the run config go in the safetensors metadata and in a sidecar ``.yaml``.
 Checkpoints are read with ``torch.load(weights_only=True)``; nothing is unpickled.
 """
 from __future__ import annotations
@@ -129,6 +130,9 @@ def export_weights(task: nn.Module, output: str | Path, part: Part = "backbone",
         "features_only": bool(focalnet.features_only),
         "task_class": f"{type(task).__module__}.{type(task).__qualname__}",
     }
+    architecture = getattr(task, "architecture", None)
+    if callable(architecture):
+        info["architecture"] = architecture()
     hparams = getattr(task, "hparams", None)
     if hparams:
         info["hyper_parameters"] = _plain(dict(hparams))

@@ -448,8 +448,10 @@ def create_focalnet(
     Args:
         name: one of :func:`list_variants`.
         num_classes: classifier outputs (ignored with ``features_only``).
-        weights: checkpoint path or https URL (official, timm, Hugging Face or focalnet-pl layout;
-            ``.safetensors`` or a torch pickle read with ``weights_only=True``).
+        weights: checkpoint path, https URL or ``zoo:NAME`` (``focalnet-pl zoo``) in the official,
+            timm, Hugging Face or focalnet-pl layout (``.safetensors`` or a torch pickle read with
+            ``weights_only=True``). What was loaded, mapped, re-initialised or ignored is logged and
+            kept as ``model.weights_report`` (:class:`~focalnet_pl.weights.LoadReport`).
         features_only: return the dense multi-scale backbone instead of the classifier.
         out_indices, frozen_stages, grad_checkpointing: dense-mode options (see :class:`FocalNet`).
         strict: with ``weights``, raise on missing/unexpected/wrong-shape keys (the classifier head
@@ -463,7 +465,7 @@ def create_focalnet(
     if weights is not None:
         from focalnet_pl.weights import load_weights
 
-        load_weights(model, weights, strict=strict)
+        model.weights_report = load_weights(model, weights, strict=strict)
         model._freeze_stages()
     return model
 

@@ -17,8 +17,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings, require_task_checkpoint
 from focalnet_pl.distributed import maybe_fully_shard
 from focalnet_pl.focalnet import FocalNet, FocalNetBlock, create_focalnet
+from focalnet_pl.labels import class_names_from_file, imagenet_class_names
 from focalnet_pl.optim import param_groups, warmup_cosine
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
 from focalnet_pl.tasks.callbacks import SamplePredictionLogger, default_task_callbacks
@@ -40,8 +42,9 @@ class ClassificationTask(L.LightningModule):
     Args:
         variant: FocalNet variant name (``focalnet_pl.list_variants()``).
         num_classes: classes; ``None`` takes ``num_classes`` from the datamodule at setup.
-        weights: pretrained checkpoint to start from (fine-tuning: another class count gets a new
-            head; another resolution needs nothing — FocalNet has no position embeddings).
+        weights: pretrained checkpoint to start from: a path, https URL or ``zoo:NAME`` (fine-tuning:
+            another class count gets a new head, an ImageNet-22K head the rows of the 1K classes;
+            another resolution needs nothing — FocalNet has no position embeddings).
         model_overrides: FocalNetConfig fields, e.g. ``{drop_path_rate: 0.3}``; the variant's own
             drop path rate (the paper's per-variant value) is used otherwise.
         lr: peak learning rate for a total batch of ``lr_reference_batch`` (linear scaling rule:
@@ -51,6 +54,9 @@ class ClassificationTask(L.LightningModule):
             (``alpha = 0`` disables that one; both 0 disable mixing).
         ema_decay: keep an exponential moving average of the weights and evaluate with it.
         grad_checkpointing: activation checkpointing in every block.
+        class_names: the name of each class, or a file with one per line; by default the
+            datamodule's, else the ImageNet-1K/22K names for a 1000/21842-class head (from timm's
+            bundled ImageNet info).
         predict_output_dir: where ``predict`` writes ``predictions.json`` (top-5 per image; default
             ``<trainer.default_root_dir>/predictions``) and, with
             ``predict_draw``, one picture per image with its top-5 labels (``images/``).
@@ -80,7 +86,7 @@ class ClassificationTask(L.LightningModule):
         mixup_switch_prob: float = 0.5,
         ema_decay: float | None = None,
         grad_checkpointing: bool = False,
-        class_names: list[str] | None = None,
+        class_names: list[str] | str | None = None,
         predict_output_dir: str | None = None,
         predict_draw: bool = True,
         on_nonfinite_loss: NonFiniteAction = "raise",
@@ -92,8 +98,31 @@ class ClassificationTask(L.LightningModule):
         self.model: FocalNet | None = None
         self.ema: AveragedModel | None = None
         self.loss_guard = NonFiniteLossGuard(on_nonfinite_loss)
+        self._names: list[str] | None = None  # class names for predict, read once per predict epoch
         if num_classes is not None:
             self._build(num_classes)
+
+    def class_name_list(self) -> list[str] | None:
+        """Names of the classes: ``class_names`` (a list or a file), else ImageNet's for its head size."""
+        names = self.hparams.class_names
+        if isinstance(names, str):
+            return class_names_from_file(names)
+        if names is None and self.hparams.num_classes is not None:
+            return imagenet_class_names(int(self.hparams.num_classes))
+        return list(names) if names is not None else None
+
+    def architecture(self) -> dict[str, Any]:
+        """What this task's checkpoints record of the model (see :mod:`focalnet_pl.architecture`)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(datamodule, "hparams", None) or {}
+        return {
+            "task": "classification",
+            "focalnet": focalnet_settings(self.model.cfg, self.hparams.variant) if self.model is not None else None,
+            "num_classes": self.hparams.num_classes,
+            "class_names": self.class_name_list(),
+            "input_format": "RGB",
+            "eval_size": data.get("image_size"),
+        }
 
     # ----------------------------------------------------------------- model
     def _build(self, num_classes: int) -> None:
@@ -188,7 +217,7 @@ class ClassificationTask(L.LightningModule):
         images, paths = batch[0], batch[1]
         probs = self._eval_model()(images).softmax(-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        names = self.hparams.class_names
+        names = self._names
         results = []
         for path, scores, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
             labels = [names[i] if names else str(i) for i in indices]
@@ -206,7 +235,7 @@ class ClassificationTask(L.LightningModule):
         with torch.no_grad():
             probs = self._eval_model()(images).softmax(-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        names = self.hparams.class_names
+        names = self.class_name_list()
         mean, std = _normalisation(self.trainer)
         pictures = []
         for i, (image, label) in enumerate(zip(images, labels.tolist())):
@@ -216,8 +245,18 @@ class ClassificationTask(L.LightningModule):
             pictures.append((f"val_samples/{i}", np.asarray(draw_top5(tensor_to_picture(image, mean, std), top5, truth))))
         return pictures
 
+    def on_predict_epoch_start(self) -> None:
+        self._names = self.class_name_list()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[ARCHITECTURE_KEY] = self.architecture()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints written before the training accuracy was persistent load with a fresh accumulator."""
+        """Refuse a checkpoint of another architecture (naming every difference); checkpoints written
+        before the training accuracy was persistent load with a fresh accumulator."""
+        require_task_checkpoint(checkpoint, "model.init_args.weights")
+        if self.model is not None:
+            check_architecture(checkpoint.get(ARCHITECTURE_KEY), self.architecture())
         state = checkpoint.get("state_dict")
         if self.model is not None and isinstance(state, dict):
             for key, value in self.train_acc.state_dict(prefix="train_acc.").items():
