@@ -184,7 +184,7 @@ def empty_dataset(tmp: Path) -> None:
     with pytest.raises(EmptyDatasetError, match="class folder .*cats contains no image files"):
         ImageNetDataModule(root=str(tmp), num_workers=0).setup("fit")
     (tmp / "nothing").mkdir()
-    with pytest.raises(EmptyDatasetError, match="neither .*nothing/train nor .*nothing/val exists"):
+    with pytest.raises(EmptyDatasetError, match=r"Data not found: split folder .*nothing/train \(or .*nothing/val\)"):
         ImageNetDataModule(root=str(tmp / "nothing"))
 
 
