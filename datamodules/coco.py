@@ -35,6 +35,7 @@ from datamodules.image_io import DataNotFoundError, missing_data_message, predic
 
 __all__ = [
     "COCODataModule",
+    "BoxOnlyAnnotationsWarning",
     "COCOInstanceMapper",
     "DroppedAnnotationsWarning",
     "ListOfDictsDataModule",
@@ -60,6 +61,10 @@ COCO_LAYOUT = (
 
 class DroppedAnnotationsWarning(UserWarning):
     """Some annotations of a json were unusable and were dropped (one warning per file, with counts)."""
+
+
+class BoxOnlyAnnotationsWarning(UserWarning):
+    """Some annotations of a json have a box but no mask while others have one (one warning per file)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +220,17 @@ def load_coco_instances(json_file: str | Path, image_root: str | Path) -> tuple[
             record["segmentation"] = segm
         per_image[image["id"]].append(record)
 
+    box_only = [ann.get("id", f"#{index}") for index, ann in enumerate(data["annotations"])
+                if not ann.get("segmentation") and not ann.get("iscrowd", 0)]
+    if box_only and len(box_only) < len(data["annotations"]):
+        message = (
+            f"{json_file}: {len(box_only)} of {len(data['annotations'])} annotations have a box but no segmentation "
+            f"(ids {box_only[:10]}{' ...' if len(box_only) > 10 else ''}): Mask R-CNN trains its mask head on the "
+            "objects that have a mask (boxes train the rest), and mask AP treats box-only objects as ignore regions"
+        )
+        log.warning(message)
+        warnings.warn(message, BoxOnlyAnnotationsWarning, stacklevel=2)
+
     dropped = sum(v for k, v in drops.items() if k.startswith(("degenerate", "box outside", "annotations left")))
     if drops:
         detail = ", ".join(f"{count} {reason}" for reason, count in sorted(drops.items()))
@@ -346,7 +362,9 @@ class COCOInstanceMapper:
     Reads the image in ``image_format`` (errors name the file and image id), applies
     ``augmentations`` and, in training, builds ``instances`` (``gt_boxes``, ``gt_classes``,
     ``gt_masks`` when ``use_masks``) from the non-crowd annotations; crowd regions are left out of
-    training, as in COCO practice (the evaluation treats them as ignore regions).
+    training, as in COCO practice (the evaluation treats them as ignore regions). When some
+    annotations of an image have no mask, those get an empty one and ``gt_has_mask`` tells them
+    apart (see :mod:`focalnet_pl.d2.partial_masks`: the mask head does not learn from them).
     """
 
     def __init__(self, augmentations: list[T.Augmentation], is_train: bool, image_format: str = "RGB", use_masks: bool = True) -> None:
@@ -390,10 +408,17 @@ class COCOInstanceMapper:
                 # cropping polygons needs shapely; a mask is cropped exactly without it
                 ann["segmentation"] = _polygons_to_rle(ann["segmentation"], original_height, original_width)
         annotations = [d2_utils.transform_instance_annotations(a, transforms, image.shape[:2]) for a in annotations]
+        has_mask = ["segmentation" in a for a in annotations]
+        box_only = self.use_masks and not all(has_mask)
+        if box_only:
+            for ann in annotations:
+                ann.setdefault("segmentation", [])  # an empty mask, left out of the mask loss by gt_has_mask
         all_polygons = all(isinstance(a.get("segmentation", []), list) for a in annotations)
         instances = d2_utils.annotations_to_instances(
             annotations, image.shape[:2], mask_format="polygon" if all_polygons else "bitmask"
         )
+        if box_only:
+            instances.gt_has_mask = torch.tensor(has_mask, dtype=torch.bool)
         output["instances"] = d2_utils.filter_empty_instances(instances, by_mask=False)
         return output
 
@@ -606,6 +631,12 @@ class COCODataModule(ListOfDictsDataModule):
     def _split_dataset(self, split: Split) -> MappedDataset:
         records = DatasetCatalog.get(self.dataset_name(split))
         self._check_same_classes(split)
+        if split == "train" and self.hparams.use_masks and not any("segmentation" in a for r in records for a in r["annotations"]):
+            warnings.warn(
+                f"use_masks=True but no annotation of {self.split_paths(split)[0]} has a segmentation: a mask head "
+                "learns nothing from it (box-only data: set --data.init_args.use_masks false and MODEL.MASK_ON false)",
+                BoxOnlyAnnotationsWarning, stacklevel=2,
+            )
         return MappedDataset(records, self._mapper(is_train=split == "train"))
 
     def _check_same_classes(self, split: Split) -> None:
