@@ -119,6 +119,25 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _run_info(task: nn.Module, config: dict[str, Any] | None, source: str | None) -> dict[str, Any]:
+    """What every export records: its format, the task class and hyper-parameters, the source checkpoint
+    and the run config."""
+    info: dict[str, Any] = {"format": EXPORT_FORMAT, "task_class": f"{type(task).__module__}.{type(task).__qualname__}"}
+    hparams = getattr(task, "hparams", None)
+    if hparams:
+        info["hyper_parameters"] = _plain(dict(hparams))
+    if source is not None:
+        info["source_checkpoint"] = str(source)
+    if config is not None:
+        info["config"] = _plain(config)
+    return info
+
+
+def _string_metadata(info: dict[str, Any]) -> dict[str, str]:
+    """``info`` as string key/values (files' metadata): strings as they are, the rest as JSON."""
+    return {key: value if isinstance(value, str) else json.dumps(_plain(value)) for key, value in info.items()}
+
+
 def export_weights(task: nn.Module, output: str | Path, part: Part = "backbone", *,
                    config: dict[str, Any] | None = None, source: str | None = None) -> Path:
     """Write ``task``'s backbone or full model to ``output`` (safetensors) and ``output.yaml``."""
@@ -139,16 +158,8 @@ def export_weights(task: nn.Module, output: str | Path, part: Part = "backbone",
         "focalnet_config": asdict(focalnet.cfg),
         "num_classes": int(focalnet.num_classes),
         "features_only": bool(focalnet.features_only),
-        "task_class": f"{type(task).__module__}.{type(task).__qualname__}",
-    }
-    hparams = getattr(task, "hparams", None)
-    if hparams:
-        info["hyper_parameters"] = _plain(dict(hparams))
-    if source is not None:
-        info["source_checkpoint"] = str(source)
-    if config is not None:
-        info["config"] = _plain(config)
-    metadata = {key: value if isinstance(value, str) else json.dumps(_plain(value)) for key, value in info.items()}
+    } | _run_info(task, config, source)
+    metadata = _string_metadata(info)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     save_file(state, str(tmp), metadata=metadata)
@@ -274,17 +285,7 @@ def export_onnx(task: nn.Module, output: str | Path, *, config: dict[str, Any] |
             spec.module, spec.example_inputs, dynamo=True, input_names=spec.input_names,
             output_names=spec.output_names, dynamic_shapes=dynamic_shapes, verbose=False,
         )
-    info: dict[str, Any] = {"format": EXPORT_FORMAT, "task_class": f"{type(task).__module__}.{type(task).__qualname__}"}
-    hparams = getattr(task, "hparams", None)
-    if hparams:
-        info["hyper_parameters"] = _plain(dict(hparams))
-    if source is not None:
-        info["source_checkpoint"] = str(source)
-    if config is not None:
-        info["config"] = _plain(config)
-    program.model.metadata_props.update(
-        {key: value if isinstance(value, str) else json.dumps(value) for key, value in info.items()} | spec.metadata
-    )
+    program.model.metadata_props.update(_string_metadata(_run_info(task, config, source)) | spec.metadata)
     output.parent.mkdir(parents=True, exist_ok=True)
     program.save(output)  # weights in the file, or next to it (.data) above protobuf's 2 GB
     difference = compare_onnx_with_torch(output, spec)

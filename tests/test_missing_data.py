@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,10 @@ from focalnet_pl.cli import DEBUG_ENV, main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _assert_explains(error: pytest.ExceptionInfo, missing: str, layout: str, option: str) -> None:
+def _assert_explains(action: Callable[[], object], missing: str, layout: str, option: str) -> None:
+    """``action()`` raises a DataNotFoundError naming ``missing``, the ``layout`` and the ``option``."""
+    with pytest.raises(DataNotFoundError) as error:
+        action()
     message = str(error.value)
     assert message.startswith(f"Data not found: {missing}"), message
     assert f"Expected layout:\n  {layout}" in message and f"Set {option}" in message, message
@@ -73,60 +77,52 @@ def test_imagenet_split_folder_missing(tmp_path: Path) -> None:
     (tmp_path / "train" / "cat").mkdir(parents=True)
     (tmp_path / "train" / "cat" / "0.jpg").write_bytes(b"")
     datamodule = ImageNetDataModule(root=str(tmp_path), num_workers=0)
-    with pytest.raises(DataNotFoundError) as error:
-        datamodule.setup("validate")
-    _assert_explains(error, f"split folder {tmp_path / 'val'}", "<root>/train/<class_name>/<image files>",
-                     "--data.init_args.root to the folder holding the split folders")
+    _assert_explains(lambda: datamodule.setup("validate"), f"split folder {tmp_path / 'val'}",
+                     "<root>/train/<class_name>/<image files>", "--data.init_args.root to the folder holding the split")
 
 
 def test_coco_missing_root_split_and_predict_folder(tmp_path: Path) -> None:
-    with pytest.raises(DataNotFoundError) as error:
-        COCODataModule(root=str(tmp_path / "coco"))
-    _assert_explains(error, f"COCO root folder {tmp_path / 'coco'}", "<root>/annotations/instances_train2017.json",
-                     "--data.init_args.root to your COCO folder")
-    (tmp_path / "coco" / "val2017").mkdir(parents=True)
-    with pytest.raises(DataNotFoundError) as error:
-        COCODataModule(root=str(tmp_path / "coco")).setup("validate")
-    _assert_explains(error, f"COCO val annotation file {tmp_path / 'coco/annotations/instances_val2017.json'}.",
-                     "<root>/annotations/instances_train2017.json", "--data.init_args.root to your COCO folder, or "
-                     "--data.init_args.val_json and --data.init_args.val_images")
-    explicit = COCODataModule(train_json=str(tmp_path / "t.json"), train_images=str(tmp_path / "coco" / "val2017"))
+    coco = tmp_path / "coco"
+    _assert_explains(lambda: COCODataModule(root=str(coco)), f"COCO root folder {coco}",
+                     "<root>/annotations/instances_train2017.json", "--data.init_args.root to your COCO folder")
+    (coco / "val2017").mkdir(parents=True)
+    _assert_explains(lambda: COCODataModule(root=str(coco)).setup("validate"),
+                     f"COCO val annotation file {coco / 'annotations/instances_val2017.json'}.",
+                     "<root>/annotations/instances_train2017.json",
+                     "--data.init_args.root to your COCO folder, or --data.init_args.val_json and --data.init_args.val_images")
+    explicit = COCODataModule(train_json=str(tmp_path / "t.json"), train_images=str(coco / "val2017"))
     with pytest.raises(DataNotFoundError, match=r"(?s)COCO train annotation file .*t\.json\.\n.*\nSet --data.init_args"
                                                 r"\.train_json and --data.init_args\.train_images\.$"):
         explicit.dataset_name("train")
     with pytest.raises(DataNotFoundError, match="predict image folder .*nowhere does not exist.*predict_images"):
         COCODataModule(predict_images=str(tmp_path / "nowhere")).setup("predict")
     with pytest.raises(DataNotFoundError, match="predict image folder .*val2017 holds no image files"):
-        COCODataModule(predict_images=str(tmp_path / "coco" / "val2017")).setup("predict")
+        COCODataModule(predict_images=str(coco / "val2017")).setup("predict")
 
 
 def test_segmentation_datamodules_missing_data(tmp_path: Path) -> None:
-    with pytest.raises(DataNotFoundError) as error:
-        COCOPanopticDataModule(root=str(tmp_path / "coco"))
-    _assert_explains(error, f"COCO root folder {tmp_path / 'coco'}", "<root>/annotations/panoptic_{train,val}2017.json",
+    coco, ade = tmp_path / "coco", tmp_path / "ade"
+    panoptic_layout = "<root>/annotations/panoptic_{train,val}2017.json"
+    _assert_explains(lambda: COCOPanopticDataModule(root=str(coco)), f"COCO root folder {coco}", panoptic_layout,
                      "--data.init_args.root to your COCO folder")
-    (tmp_path / "coco").mkdir()
-    with pytest.raises(DataNotFoundError) as error:
-        _ = COCOPanopticDataModule(root=str(tmp_path / "coco")).num_classes
-    _assert_explains(error, f"COCOPanopticDataModule train annotation file {tmp_path / 'coco/annotations/panoptic_train2017.json'}"
-                     f" and image folder {tmp_path / 'coco/train2017'} and panoptic PNG folder",
-                     "<root>/annotations/panoptic_{train,val}2017.json", "--data.init_args.root to your COCO folder")
+    coco.mkdir()
+    _assert_explains(lambda: COCOPanopticDataModule(root=str(coco)).num_classes,
+                     f"COCOPanopticDataModule train annotation file {coco / 'annotations/panoptic_train2017.json'}"
+                     f" and image folder {coco / 'train2017'} and panoptic PNG folder", panoptic_layout,
+                     "--data.init_args.root to your COCO folder")
     explicit = PanopticDataModule(val_json=str(tmp_path / "v.json"), val_images=str(tmp_path), val_panoptic=str(tmp_path))
-    with pytest.raises(DataNotFoundError) as error:
-        explicit.setup("validate")
-    _assert_explains(error, f"PanopticDataModule val annotation file {tmp_path / 'v.json'}.", "val_json: panopticapi json",
+    _assert_explains(lambda: explicit.setup("validate"), f"PanopticDataModule val annotation file {tmp_path / 'v.json'}.",
+                     "val_json: panopticapi json",
                      "--data.init_args.val_json, --data.init_args.val_images and --data.init_args.val_panoptic")
 
-    for make in (ADE20KSemanticDataModule, ADE20KPanopticDataModule):
-        with pytest.raises(DataNotFoundError) as error:
-            make(root=str(tmp_path / "ade"))
-        _assert_explains(error, f"ADE20K root folder {tmp_path / 'ade'}", "<root>/ADEChallengeData2016/",
-                         "--data.init_args.root to the folder holding ADEChallengeData2016/")
-    (tmp_path / "ade" / "ADEChallengeData2016").mkdir(parents=True)
-    with pytest.raises(DataNotFoundError) as error:
-        ADE20KSemanticDataModule(root=str(tmp_path / "ade")).setup("fit")
-    _assert_explains(error, f"ADE20K folder {tmp_path / 'ade/ADEChallengeData2016/images/training'}",
-                     "<root>/ADEChallengeData2016/images/{training,validation}/<image files>",
-                     "--data.init_args.root to the folder holding ADEChallengeData2016/")
+    ade_option = "--data.init_args.root to the folder holding ADEChallengeData2016/"
+    _assert_explains(lambda: ADE20KSemanticDataModule(root=str(ade)), f"ADE20K root folder {ade}",
+                     "<root>/ADEChallengeData2016/images/", ade_option)
+    _assert_explains(lambda: ADE20KPanopticDataModule(root=str(ade)), f"ADE20K root folder {ade}",
+                     "<root>/ADEChallengeData2016/ade20k_panoptic_{train,val}.json", ade_option)
+    (ade / "ADEChallengeData2016").mkdir(parents=True)
+    _assert_explains(lambda: ADE20KSemanticDataModule(root=str(ade)).setup("fit"),
+                     f"ADE20K folder {ade / 'ADEChallengeData2016/images/training'}",
+                     "<root>/ADEChallengeData2016/images/{training,validation}/<image files>", ade_option)
     with pytest.raises(DataNotFoundError, match="ade20k_panoptic_train.json"):
-        _ = ADE20KPanopticDataModule(root=str(tmp_path / "ade")).num_classes
+        _ = ADE20KPanopticDataModule(root=str(ade)).num_classes
