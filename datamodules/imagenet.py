@@ -25,6 +25,7 @@ from datamodules.image_io import (
     SafeImageFolder,
     collate_skip_unreadable,
     find_class_folders,
+    missing_data_message,
 )
 
 __all__ = ["DemoShapesDataModule", "ImageNetDataModule", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
+#: the folder tree :class:`ImageNetDataModule` reads (named in its missing-data errors)
+IMAGE_FOLDER_LAYOUT = "  <root>/train/<class_name>/<image files>\n  <root>/val/<class_name>/<image files>"
+ROOT_OPTION = "--data.init_args.root to the folder holding the split folders (train/, val/)"
 
 
 def build_train_transform(
@@ -155,7 +159,7 @@ class ImageNetDataModule(LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.root = Path(root)
         if not self.root.is_dir():
-            raise EmptyDatasetError(f"dataset root {self.root} does not exist")
+            raise EmptyDatasetError(missing_data_message(f"dataset root {self.root}", IMAGE_FOLDER_LAYOUT, ROOT_OPTION))
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -169,10 +173,10 @@ class ImageNetDataModule(LightningDataModule):
         if not label_split.is_dir():
             label_split = self.root / val_split
             if not label_split.is_dir():
-                raise EmptyDatasetError(
-                    f"neither {self.root / train_split} nor {self.root / val_split} exists: "
-                    f"expected {self.root}/<split>/<class_name>/<image files>"
-                )
+                raise EmptyDatasetError(missing_data_message(
+                    f"split folder {self.root / train_split} (or {self.root / val_split})", IMAGE_FOLDER_LAYOUT,
+                    f"{ROOT_OPTION}, or --data.init_args.train_split / val_split",
+                ))
         self._class_names = find_class_folders(label_split)
         self.class_to_idx = {name: index for index, name in enumerate(self._class_names)}
 
@@ -201,7 +205,9 @@ class ImageNetDataModule(LightningDataModule):
     def _split_dataset(self, split: str, train: bool) -> SafeImageFolder:
         split_dir = self.root / split
         if not split_dir.is_dir():
-            raise EmptyDatasetError(f"split folder {split_dir} does not exist")
+            raise EmptyDatasetError(missing_data_message(
+                f"split folder {split_dir}", IMAGE_FOLDER_LAYOUT, f"{ROOT_OPTION}, or --data.init_args.<split>_split"
+            ))
         dataset = SafeImageFolder(
             split_dir,
             transform=self.train_transform if train else self.eval_transform,

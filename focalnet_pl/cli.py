@@ -6,11 +6,14 @@ LightningDataModule), so one CLI serves classification, detection and segmentati
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+
+from datamodules.image_io import DataNotFoundError
 
 CHECKPOINT_ALIASES = ("best", "last")
 
@@ -83,14 +86,45 @@ EXTRA_COMMANDS = {
 }
 
 
+#: set to 1 (or pass ``--debug``) to see the traceback of errors ``main`` otherwise prints as one message
+DEBUG_ENV = "FOCALNET_PL_DEBUG"
+#: exit status of a run stopped by missing data
+MISSING_DATA_EXIT_CODE = 2
+
+
+def _missing_data(error: BaseException) -> DataNotFoundError | None:
+    """The :class:`DataNotFoundError` behind ``error`` (itself or a cause: jsonargparse wraps the errors
+    of the classes it instantiates), else ``None``."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, DataNotFoundError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``cli.py`` and the ``focalnet-pl`` console script."""
+    """Entry point of ``cli.py`` and the ``focalnet-pl`` console script.
+
+    Missing data (:class:`~datamodules.image_io.DataNotFoundError`) ends the run with its message on
+    stderr and exit status 2, without a traceback (``--debug`` or ``FOCALNET_PL_DEBUG=1`` shows it).
+    """
     args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] in EXTRA_COMMANDS:
-        importlib.import_module(EXTRA_COMMANDS[args[0]]).main(args[1:])
-        return
-    torch.set_float32_matmul_precision("high")
-    FocalNetCLI(args=args)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    args = [arg for arg in args if arg != "--debug"]
+    try:
+        if args and args[0] in EXTRA_COMMANDS:
+            importlib.import_module(EXTRA_COMMANDS[args[0]]).main(args[1:])
+            return
+        torch.set_float32_matmul_precision("high")
+        FocalNetCLI(args=args)
+    except Exception as error:
+        missing = _missing_data(error)
+        if debug or missing is None:
+            raise
+        print(f"error: {missing}\n(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+        sys.exit(MISSING_DATA_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -260,7 +260,8 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         pad_h, pad_w = (-h) % self.stride, (-w) % self.stride
-        if pad_h or pad_w:
+        # traced (torch.export / ONNX, dynamic shapes): pad unconditionally so the graph fits every size
+        if torch.compiler.is_compiling() or pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 

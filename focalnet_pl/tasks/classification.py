@@ -5,7 +5,7 @@ import json
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -32,6 +32,9 @@ from focalnet_pl.visualize.draw import (
     save_picture,
     tensor_to_picture,
 )
+
+if TYPE_CHECKING:
+    from focalnet_pl.export import OnnxExportSpec
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +177,22 @@ class ClassificationTask(L.LightningModule):
 
     def _eval_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
+
+    def onnx_export_spec(self) -> OnnxExportSpec:
+        """``cli.py export --format onnx``: normalised RGB images ``(batch, 3, height, width)`` of any
+        size -> ``logits (batch, classes)``, from the evaluation (EMA when kept) weights."""
+        from focalnet_pl.export import OnnxExportSpec
+
+        names = self.hparams.class_names
+        return OnnxExportSpec(
+            module=self._eval_model(),
+            example_inputs=(torch.randn(2, 3, 96, 128),),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes=({0: "batch", 2: "height", 3: "width"},),
+            check_inputs=[(torch.randn(1, 3, 64, 80),), (torch.randn(3, 3, 45, 77),)],
+            metadata={"class_names": json.dumps(names)} if names else {},
+        )
 
     # -------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:

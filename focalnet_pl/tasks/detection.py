@@ -28,6 +28,7 @@ from torch import nn
 from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings, require_task_checkpoint
 from focalnet_pl.d2.backbone import FocalNetBackbone
 from focalnet_pl.d2.config import NUM_CLASSES_KEYS, build_detectron2_cfg, get_dotted, has_dotted
+from focalnet_pl.d2.partial_masks import train_masks_where_annotated
 from focalnet_pl.detector_weights import DetectorLoadReport, load_detector_weights
 from focalnet_pl.evaluation.coco import COCOInstanceEvaluator, format_coco_table, instances_to_coco_results
 from focalnet_pl.evaluation.gather import gather_unique_by_key
@@ -127,6 +128,7 @@ class DetectionTask(L.LightningModule):
         cfg.MODEL.DEVICE = "cpu"  # Lightning moves the module
         cfg.freeze()
         self.model = build_model(cfg)
+        train_masks_where_annotated(self.model)  # objects annotated with a box only train no mask
         self.num_classes = int(num_classes)
 
     def _datamodule(self) -> Any:
