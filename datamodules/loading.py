@@ -178,21 +178,22 @@ class ResumableSampler(DistributedSampler):
                  samples_per_pass: int | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.samples_per_pass = len(self) if samples_per_pass is None else samples_per_pass
-        self.position = 0
+        self.progress = (0, 0)  # (epoch, samples yielded) of the pass being served
         self._start = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, self.position, self._start = self.epoch, self._start, 0
-        return self._pairs(epoch, list(super().__iter__())[self.position:])
+        return self._pass()  # lazy: a DataLoader iterator may call iter() more than once before it draws
 
-    def _pairs(self, epoch: int, indices: list[int]) -> Iterator[tuple[int, int]]:
-        for index in indices:
-            self.position += 1
+    def _pass(self) -> Iterator[tuple[int, int]]:
+        epoch, start, self._start = self.epoch, self._start, 0
+        self.progress = (epoch, start)
+        for position, index in enumerate(list(super().__iter__())[start:], start + 1):
+            self.progress = (epoch, position)
             yield epoch, index
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(self.epoch), "position": self.position, "seed": int(self.seed),
-                "num_samples": len(self.dataset)}
+        epoch, position = self.progress
+        return {"epoch": epoch, "position": position, "seed": int(self.seed), "num_samples": len(self.dataset)}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         if state["num_samples"] != len(self.dataset):
@@ -228,6 +229,17 @@ class GuardedLoader(StatefulDataLoader):
     def __iter__(self) -> Iterator[Any]:
         self.started = True
         return self._checked(super().__iter__())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume where ``state_dict`` stopped. A state saved with another number of workers (which
+        ``StatefulDataLoader`` cannot restore) restores the :class:`ResumableSampler`'s position alone:
+        the order and the augmentation do not depend on the workers."""
+        main = state_dict.get("_snapshot", {}).get("_main_snapshot", state_dict)
+        if main.get("_num_workers", 0) != self.num_workers and isinstance(self.sampler, ResumableSampler):
+            super().load_state_dict({})  # a fresh iterator
+            self.sampler.load_state_dict(main["_sampler_iter_state"]["sampler_state"])
+            return
+        super().load_state_dict(state_dict)
 
     def _checked(self, batches: Iterator[Any]) -> Iterator[Any]:
         dataset = getattr(self.dataset, "dataset", self.dataset)

@@ -88,8 +88,8 @@ def quiet_lightning() -> None:
     """Silence, narrowly, what every run would print that tells the user nothing about their run.
 
     * Lightning's promotional tips (litlogger, litmodels): info records starting with "💡 Tip:";
-    * the deprecation warning that Lightning's own pytree helper triggers in torch >= 2.10
-      (``isinstance(treespec, LeafSpec)``): not caused by the user's code nor ours.
+    * the deprecation warning that Lightning's own pytree helper triggers with recent torch (2.14 here:
+      ``isinstance(treespec, LeafSpec)``): caused neither by the user's code nor by ours.
     """
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_drop_promotional_tips)

@@ -221,9 +221,10 @@ class _Noisy(torch.utils.data.Dataset):
 
 
 def test_resumable_loader_continues_the_same_order_and_augmentation() -> None:
-    def loader() -> GuardedLoader:
+    def loader(num_workers: int = 0) -> GuardedLoader:
         sampler = ResumableSampler(_Noisy(), shuffle=True, seed=3)
-        return GuardedLoader(GuardedDataset(_Noisy(), seed=3), batch_size=2, sampler=sampler, name="train_dataloader")
+        return GuardedLoader(GuardedDataset(_Noisy(), seed=3), batch_size=2, sampler=sampler, name="train_dataloader",
+                             num_workers=num_workers)
 
     full = loader()
     full.sampler.set_epoch(1)
@@ -237,6 +238,10 @@ def test_resumable_loader_continues_the_same_order_and_augmentation() -> None:
     assert len(rest) == 3
     for a, b in zip(epoch[2:], rest):
         assert torch.equal(a, b)
+    # resumed with a worker (torchdata cannot restore another worker count): the same batches all the same
+    in_worker = loader(num_workers=1)
+    in_worker.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(epoch[2:], list(in_worker), strict=True))
     other_epoch = loader()
     other_epoch.sampler.set_epoch(2)
     assert not torch.equal(torch.cat(list(other_epoch)), torch.cat(epoch))
