@@ -143,18 +143,22 @@ class Sweep:
                 raise SweepConfigError(f"{path}: search_space.{key} must be a non-empty list of choices or "
                                        f"{{low, high[, log or step]}}, got {space!r}")
         sampler = spec.get("sampler", "tpe" if search_space else "grid")
+        if sampler not in ("grid", "tpe"):
+            raise SweepConfigError(f"{path}: sampler={sampler!r}; use 'grid' or 'tpe'")
         if sampler == "grid" and search_space:
             raise SweepConfigError(f"{path}: 'search_space' needs sampler: tpe (the grid sampler runs 'grid')")
         if sampler == "tpe" and (not search_space or not spec.get("n_trials")):
             raise SweepConfigError(f"{path}: sampler: tpe needs a 'search_space' and 'n_trials'")
-        if sampler not in ("grid", "tpe"):
-            raise SweepConfigError(f"{path}: sampler={sampler!r}; use 'grid' or 'tpe'")
         if sampler == "grid" and not grid and not trials:
             raise SweepConfigError(f"{path}: neither 'grid' nor 'trials' defines a trial")
         pruner = spec.get("pruner", "median")
         pruner = {"type": pruner} if isinstance(pruner, str) else dict(pruner)
         if pruner.get("type") not in PRUNERS:
             raise SweepConfigError(f"{path}: pruner type {pruner.get('type')!r}; use one of {sorted(PRUNERS)}")
+        try:
+            make_pruner(pruner)
+        except (TypeError, ValueError) as err:
+            raise SweepConfigError(f"{path}: pruner {pruner}: {err}") from err
         slurm = spec.get("slurm") or {}
         bad_slurm = sorted(set(slurm) - SLURM_KEYS)
         if bad_slurm:
@@ -228,15 +232,14 @@ class Sweep:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():  # Optuna marks heartbeats experimental (since 2.9)
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(self.storage, heartbeat_interval=60, grace_period=300)
+            storage = optuna.storages.RDBStorage(self.storage, heartbeat_interval=60, grace_period=180)
         if self.sampler == "grid":
             categories = self.categories()
             sampler = _GridSampler({key: _choices(categories[key]) for key in self.grid}, seed=self.seed)
         else:
             sampler = optuna.samplers.TPESampler(seed=self.seed)
-        options = {k: v for k, v in self.pruner.items() if k != "type"}
         return optuna.create_study(storage=storage, study_name=self.name, sampler=sampler,
-                                   pruner=PRUNERS[self.pruner["type"]](**options), load_if_exists=True,
+                                   pruner=make_pruner(self.pruner), load_if_exists=True,
                                    direction="maximize" if self.mode == "max" else "minimize")
 
 
@@ -247,6 +250,11 @@ class _GridSampler(optuna.samplers.GridSampler):
     def after_trial(self, study, trial, state, values) -> None:
         if "sweep_point" not in trial.user_attrs:
             super().after_trial(study, trial, state, values)
+
+
+def make_pruner(spec: dict[str, Any]) -> optuna.pruners.BasePruner:
+    """``{type: median, n_startup_trials: 5, ...}`` -> the Optuna pruner."""
+    return PRUNERS[spec["type"]](**{k: v for k, v in spec.items() if k != "type"})
 
 
 def _choices(values: list[Any]) -> list[Any]:

@@ -147,6 +147,9 @@ def test_unknown_override_key_fails_before_any_trial(tmp_path, tiny_demo):
     bad_space = _write_sweep(tmp_path, tiny_demo, grid=None, n_trials=2, search_space={"model.init_args.lr": 0.1})
     with pytest.raises(SweepConfigError, match=r"search_space.model.init_args.lr must be"):
         run_sweep(bad_space)
+    bad_pruner = _write_sweep(tmp_path, tiny_demo, pruner={"type": "median", "n_startup": 3})
+    with pytest.raises(SweepConfigError, match=r"sweep.yaml: pruner .*n_startup"):
+        run_sweep(bad_pruner)
 
 
 def test_slurm_mode_submits_one_submitit_job_per_trial(tmp_path, tiny_demo, monkeypatch):
