@@ -113,14 +113,15 @@ def test_four_trial_sweep_runs_ranks_and_resumes(tmp_path, tiny_demo, monkeypatc
 
 
 def test_tpe_search_space_samples_within_bounds(tmp_path, tiny_demo):
-    path = _write_sweep(tmp_path, tiny_demo, grid=None, n_trials=2,
+    path = _write_sweep(tmp_path, tiny_demo, grid=None, n_trials=1,
                         search_space={"model.init_args.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
                                       "model.init_args.label_smoothing": [0.0, 0.1]})
-    ranked = run_sweep(path)
-    assert [r["status"] for r in ranked] == ["ok", "ok"] and ranked[0]["value"] <= ranked[1]["value"]
-    for row in ranked:
-        assert 1.0e-4 <= row["model.init_args.lr"] <= 1.0e-2 and row["model.init_args.label_smoothing"] in (0.0, 0.1)
-    assert len(run_sweep(path)) == 2  # n_trials reached: nothing more runs
+    (row,) = run_sweep(path)
+    assert row["status"] == "ok" and row["rank"] == 1
+    assert 1.0e-4 <= row["model.init_args.lr"] <= 1.0e-2 and row["model.init_args.label_smoothing"] in (0.0, 0.1)
+    trial_config = yaml.safe_load((tmp_path / "sweep" / row["trial"] / "trial_config.yaml").read_text())
+    assert trial_config["model"]["init_args"]["lr"] == row["model.init_args.lr"]
+    assert run_sweep(path) == [row]  # n_trials reached: nothing more runs
 
 
 def test_local_job_reports_to_the_study_and_is_pruned(tmp_path, tiny_demo):
