@@ -220,7 +220,7 @@ class GuardedLoader(StatefulDataLoader):
     """
 
     def __init__(self, dataset: Dataset, *args: Any, name: str = "dataloader", **kwargs: Any) -> None:
-        with warnings.catch_warnings():  # torchdata <= 0.11 calls torch.set_vital, deprecated in torch 2.10
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in recent torch
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             super().__init__(dataset, *args, **kwargs)
         self.name = name
@@ -260,7 +260,8 @@ class ResumableDataModule(L.LightningDataModule):
     created after the checkpoint's loops were restored, which is too late when ``configure_optimizers``
     asks for ``trainer.estimated_stepping_batches`` (that creates the loader first). The datamodule
     therefore also keeps the position in its own state (saved and restored by Lightning before the
-    loaders exist) and hands it to the training loader it creates.
+    loaders exist) and hands it to the training loader it creates. (Strategies that restore checkpoints
+    after their setup, such as FSDP, restore it too late for that: their runs resume at the epoch start.)
     """
 
     def __init__(self) -> None:
