@@ -261,7 +261,8 @@ class ResumableDataModule(L.LightningDataModule):
     asks for ``trainer.estimated_stepping_batches`` (that creates the loader first). The datamodule
     therefore also keeps the position in its own state (saved and restored by Lightning before the
     loaders exist) and hands it to the training loader it creates. (Strategies that restore checkpoints
-    after their setup, such as FSDP, restore it too late for that: their runs resume at the epoch start.)
+    after their setup, such as FSDP, restore it too late for that: a resumed epoch does not continue the
+    saved order there.)
     """
 
     def __init__(self) -> None:
