@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
@@ -28,10 +27,11 @@ from detectron2.data import detection_utils as d2_utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from pycocotools import mask as mask_utils
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.demo_shapes import ensure_demo_shapes
 from datamodules.image_io import DataNotFoundError, missing_data_message, predict_image_files, read_image_rgb
+from datamodules.loading import GuardedLoader, ResumableDataModule
 
 __all__ = [
     "COCODataModule",
@@ -442,7 +442,7 @@ def collate_as_list(batch: list[dict]) -> list[dict]:
     return batch
 
 
-class ListOfDictsDataModule(L.LightningDataModule):
+class ListOfDictsDataModule(ResumableDataModule):
     """Base of the detectron2-format datamodules: the :class:`MappedDataset` of each split, set up in
     ``self._datasets``, served in detectron2's batches (lists of per-image dicts); shuffled, dropping
     the last batch, when training."""
@@ -454,26 +454,26 @@ class ListOfDictsDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self._datasets: dict[str, MappedDataset] = {}
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool = False) -> GuardedLoader:
         if split not in self._datasets:
             raise ValueError(f"no {split} dataset: is it configured, and was setup() called for this stage?")
-        return DataLoader(
-            self._datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            drop_last=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            collate_fn=collate_as_list,
+        return self.loader(
+            self._datasets[split], f"{split}_dataloader", self.batch_size if train else self.eval_batch_size,
+            train=train, drop_last=train, collate_fn=collate_as_list, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> GuardedLoader:
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+    def val_dataloader(self) -> GuardedLoader:
+        return self._loader("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+    def test_dataloader(self) -> GuardedLoader:
+        return self._loader("test")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", train=False)
+    def predict_dataloader(self) -> GuardedLoader:
+        return self._loader("predict")
 
 
 # --------------------------------------------------------------------------------------------

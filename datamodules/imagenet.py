@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from datamodules.demo_shapes import ensure_demo_shapes
@@ -27,6 +25,7 @@ from datamodules.image_io import (
     find_class_folders,
     missing_data_message,
 )
+from datamodules.loading import GuardedLoader, ResumableDataModule
 
 __all__ = ["DemoShapesDataModule", "ImageNetDataModule", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -93,7 +92,7 @@ def build_eval_transform(
     ])
 
 
-class ImageNetDataModule(LightningDataModule):
+class ImageNetDataModule(ResumableDataModule):
     """Classification data from an ImageFolder tree ``root/{train_split,val_split}/<class>/<images>``.
 
     ``num_classes`` and ``class_names`` are known right after construction (read from the class
@@ -236,39 +235,37 @@ class ImageNetDataModule(LightningDataModule):
                 self.predict_root, transform=self.eval_transform, on_error=self.on_corrupt_image
             )
 
-    def _loader(self, dataset, shuffle: bool, drop_last: bool = False, collate_fn=None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
+    def _loader(self, dataset, name: str, train: bool = False, collate_fn=None) -> GuardedLoader:
+        return self.loader(
+            dataset, name, self.batch_size, train=train,
+            # drop the ragged last training batch unless the dataset is smaller than one batch
+            drop_last=train and len(dataset) > self.batch_size,
+            collate_fn=collate_fn,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
-            drop_last=drop_last,
-            collate_fn=collate_fn,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> GuardedLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        # drop the ragged last batch unless the dataset is smaller than one batch
-        return self._loader(self.train_dataset, shuffle=True, drop_last=len(self.train_dataset) > self.batch_size)
+        return self._loader(self.train_dataset, "train_dataloader", train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> GuardedLoader:
         if self.val_dataset is None:
             self.setup("validate")
-        return self._loader(self.val_dataset, shuffle=False)
+        return self._loader(self.val_dataset, "val_dataloader")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> GuardedLoader:
         if self.test_dataset is None:
             self.setup("test")
-        return self._loader(self.test_dataset, shuffle=False)
+        return self._loader(self.test_dataset, "test_dataloader")
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> GuardedLoader:
         if self.predict_dataset is None:
             self.setup("predict")
         collate = functools.partial(collate_skip_unreadable, empty_image_shape=(3, self.image_size, self.image_size))
-        return self._loader(self.predict_dataset, shuffle=False, collate_fn=collate)
+        return self._loader(self.predict_dataset, "predict_dataloader", collate_fn=collate)
 
 
 class DemoShapesDataModule(ImageNetDataModule):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from datamodules.coco import DroppedAnnotationsWarning, load_coco_instances
 from datamodules.image_io import (
@@ -24,13 +23,8 @@ from datamodules.image_io import (
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.segmentation import LabelFileError, read_label_png
 from focalnet_pl import create_focalnet
-from focalnet_pl.reliability import (
-    AtomicCheckpointIO,
-    DataLoadError,
-    NonFiniteLossError,
-    guard_dataloader,
-    raise_if_failed,
-)
+from datamodules.loading import DataLoadError, GuardedCollate, GuardedDataset, GuardedLoader
+from focalnet_pl.reliability import AtomicCheckpointIO, NonFiniteLossError
 from focalnet_pl.tasks import ClassificationTask
 from focalnet_pl.weights import CheckpointError, read_state_dict
 
@@ -127,10 +121,11 @@ def unreadable_sample_in_worker(tmp: Path) -> None:
         _png(tmp / "train" / "a" / f"{i}.png", _rgb())
     (tmp / "train" / "a" / "1.png").write_bytes(b"garbage")
     dataset = SafeImageFolder(tmp / "train", transform=lambda image: torch.from_numpy(np.asarray(image).copy()))
-    loader = guard_dataloader(DataLoader(dataset, batch_size=3, num_workers=1), "train_dataloader")
-    batch = next(iter(loader))  # the worker does not raise: the failure travels to the main process
-    with pytest.raises(DataLoadError, match=r"train_dataloader: failed to load 1 sample.*sample 1 \(file .*a/1.png\)"):
-        raise_if_failed(batch, "train_dataloader", dataset)
+    loader = GuardedLoader(GuardedDataset(dataset), batch_size=3, num_workers=1, collate_fn=GuardedCollate(),
+                           name="train_dataloader")
+    # the worker does not raise: the failure travels to the main process, where the loader names it
+    with pytest.raises(DataLoadError, match=r"train_dataloader batch 0: failed to load 1 sample.*sample 1 \(file .*a/1.png\)"):
+        next(iter(loader))
     # end to end: fit stops in the main process with the file and the index, not a worker traceback
     _png(tmp / "train" / "b" / "0.png", _rgb())
     datamodule = ImageNetDataModule(root=str(tmp), image_size=16, batch_size=4, num_workers=1, val_split="train",

@@ -109,6 +109,15 @@ def test_every_mask_rcnn_config_trains_a_step_and_validates(config, tmp_path):
     metrics = cli.trainer.callback_metrics
     assert {"train/loss", "train/loss_mask", "train/loss_rpn_cls", "val/AP", "val/segm_AP"} <= set(metrics)
     assert len(list((tmp_path / "logs").rglob("val_coco_segm_results.json"))) == 1
+    # the config's ModelCheckpoint is the one that ran (the 12 recipes keep the best mask AP), else the task's
+    configured = [cb["init_args"]["monitor"] for cb in yaml.safe_load(config.read_text())["trainer"].get("callbacks", [])
+                  if cb["class_path"].endswith("ModelCheckpoint")]
+    monitor = configured[0] if configured else "val/AP"
+    assert config.parent.name == "demo" or monitor == "val/segm_AP"
+    assert [cb.monitor for cb in cli.trainer.checkpoint_callbacks] == [monitor]
+    best = cli.trainer.checkpoint_callback
+    assert float(best.best_model_score) == pytest.approx(float(metrics[monitor]))
+    assert Path(best.best_model_path).is_file() and monitor.split("/")[1] in Path(best.best_model_path).name
 
 
 def _tiny_trainer(tmp_path: Path, **kwargs) -> L.Trainer:

@@ -5,7 +5,7 @@ import json
 import logging
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import numpy as np
@@ -23,7 +23,7 @@ from focalnet_pl.focalnet import FocalNet, FocalNetBlock, create_focalnet
 from focalnet_pl.labels import class_names_from_file, imagenet_class_names
 from focalnet_pl.optim import param_groups, warmup_cosine
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
-from focalnet_pl.tasks.callbacks import SamplePredictionLogger, default_task_callbacks
+from focalnet_pl.tasks.callbacks import default_task_callbacks
 from focalnet_pl.visualize.draw import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -66,6 +66,8 @@ class ClassificationTask(L.LightningModule):
         on_nonfinite_loss: ``"raise"`` stops at a NaN/Inf loss naming the step; ``"skip"`` skips that step.
         checkpoint_every_n_steps: also refresh ``last.ckpt`` every that many steps (mid-epoch resume).
         log_samples: images drawn with their predictions sent to TensorBoard at each validation (0: off).
+        monitor, monitor_mode: metric (and whether higher is better) of the default ``ModelCheckpoint``,
+            used when the trainer has no ``ModelCheckpoint`` of its own.
     """
 
     def __init__(
@@ -95,6 +97,8 @@ class ClassificationTask(L.LightningModule):
         on_nonfinite_loss: NonFiniteAction = "raise",
         checkpoint_every_n_steps: int | None = None,
         log_samples: int = 8,
+        monitor: str = "val/acc1",
+        monitor_mode: Literal["max", "min"] = "max",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -326,11 +330,9 @@ class ClassificationTask(L.LightningModule):
         return int(per_device) * self.trainer.world_size * accumulate
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks = default_task_callbacks(self.trainer, monitor="val/acc1", mode="max",
-                                           checkpoint_every_n_steps=self.hparams.checkpoint_every_n_steps)
-        if self.hparams.log_samples:
-            callbacks.append(SamplePredictionLogger(self.hparams.log_samples))
-        return callbacks
+        hp = self.hparams
+        return default_task_callbacks(self.trainer, hp.monitor, hp.monitor_mode, hp.checkpoint_every_n_steps,
+                                      hp.log_samples)
 
 
 def _normalisation(trainer: L.Trainer | None) -> tuple[tuple[float, ...], tuple[float, ...]]:

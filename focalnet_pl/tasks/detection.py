@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -36,7 +36,7 @@ from focalnet_pl.distributed import maybe_fully_shard
 from focalnet_pl.focalnet import FocalNetBlock
 from focalnet_pl.optim import param_groups
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
-from focalnet_pl.tasks.callbacks import SamplePredictionLogger, default_task_callbacks
+from focalnet_pl.tasks.callbacks import default_task_callbacks
 
 __all__ = ["DetectionTask"]
 
@@ -72,6 +72,8 @@ class DetectionTask(L.LightningModule):
         log_samples: validation images drawn with their predictions sent to TensorBoard each validation (0: off).
         weights: full detector checkpoint to start from or evaluate (path, https URL or ``zoo:NAME``,
             e.g. ``zoo:mask_rcnn_focalnet_t_srf_1x``); replaces ``MODEL.WEIGHTS`` when given.
+        monitor, monitor_mode: metric (and whether higher is better) of the default ``ModelCheckpoint``,
+            used when the trainer has no ``ModelCheckpoint`` of its own; ``None``: ``val/AP`` (boxes).
     """
 
     def __init__(
@@ -90,6 +92,8 @@ class DetectionTask(L.LightningModule):
         checkpoint_every_n_steps: int | None = None,
         log_samples: int = 4,
         weights: str | None = None,
+        monitor: str | None = None,
+        monitor_mode: Literal["max", "min"] = "max",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -176,15 +180,15 @@ class DetectionTask(L.LightningModule):
         """Shard with FSDP2 under ``FSDP2Strategy`` (no-op under other strategies, never twice)."""
         maybe_fully_shard(self, block_types=FSDP_BLOCK_TYPES)
 
-    #: metric that picks the best checkpoint
-    monitor_metric = "val/AP"
+    @property
+    def monitor_metric(self) -> str:
+        """The metric of the default ``ModelCheckpoint``: ``monitor``, else the task's own."""
+        return self.hparams.monitor or "val/AP"
 
     def configure_callbacks(self) -> list:
-        callbacks = default_task_callbacks(self.trainer, monitor=self.monitor_metric, mode="max",
-                                           checkpoint_every_n_steps=self.hparams.checkpoint_every_n_steps)
-        if self.hparams.log_samples:
-            callbacks.append(SamplePredictionLogger(self.hparams.log_samples))
-        return callbacks
+        hp = self.hparams
+        return default_task_callbacks(self.trainer, self.monitor_metric, hp.monitor_mode, hp.checkpoint_every_n_steps,
+                                      hp.log_samples)
 
     def _require_model(self) -> nn.Module:
         """The detectron2 model; it is built once its number of classes is known: from the config,
