@@ -134,8 +134,31 @@ def _missing_data(error: BaseException) -> DataNotFoundError | None:
 
 
 def main(args: list[str] | None = None) -> None:
-import logging
-import os
+    """Entry point of ``cli.py`` and the ``focalnet-pl`` console script (``args``: default ``sys.argv[1:]``).
+
+    Missing data (:class:`~datamodules.image_io.DataNotFoundError`) ends the run with its message on
+    stderr and exit status 2, without a traceback (``--debug`` or ``FOCALNET_PL_DEBUG=1`` shows it).
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    if "--debug" in argv:
+        argv = [arg for arg in argv if arg != "--debug"]
+        if args is None:
+            sys.argv = sys.argv[:1] + argv
+        else:
+            args = argv
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
+            return
+        torch.set_float32_matmul_precision("high")
+        FocalNetCLI(args=args)  # None: LightningCLI reads sys.argv itself (no "args and sys.argv" warning)
+    except Exception as error:
+        missing = _missing_data(error)
+        if debug or missing is None:
+            raise
+        print(f"error: {missing}\n(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+        sys.exit(MISSING_DATA_EXIT_CODE)
 
 
 if __name__ == "__main__":
