@@ -14,12 +14,14 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 from test_coco_data import TINY_CATEGORIES, write_tiny_coco
-from test_mask_rcnn import SMALL_IMAGES, _one_thread, _tiny_trainer, tiny_detectron2  # noqa: F401 - fixture
+from test_mask_rcnn import SMALL_IMAGES, _tiny_trainer, tiny_detectron2
 
 from datamodules.coco import COCODataModule, load_image_info
 from datamodules.image_io import DataNotFoundError
 from focalnet_pl.tasks.detection import DetectionTask
 from focalnet_pl.tasks.writers import COCOSubmissionWriter
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops
 
 #: (image id, file name, height, width) of the generated "test-dev" images: ids unrelated to names or order
 TEST_IMAGES = [(139, "COCO_test2017_b.jpg", 48, 64), (285, "COCO_test2017_a.jpg", 64, 40), (632, "c.png", 56, 56)]
