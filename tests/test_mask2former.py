@@ -24,7 +24,7 @@ from focalnet_pl.mask2former import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_segmentation_data import _write_ade, _write_panoptic  # noqa: E402
+from test_segmentation_data import _write_ade, _write_panoptic, write_ade_semantic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -229,10 +229,12 @@ def _panoptic_tree(root: Path, layout: str) -> None:
             json_file.rename(root / "annotations" / f"panoptic_{split}2017.json")
         else:
             base = root / "ADEChallengeData2016"
+            folder = "training" if split == "train" else "validation"
             (base / "images").mkdir(parents=True, exist_ok=True)
-            images.rename(base / "images" / ("training" if split == "train" else "validation"))
+            images.rename(base / "images" / folder)
             pngs.rename(base / f"ade20k_panoptic_{split}")
             json_file.rename(base / f"ade20k_panoptic_{split}.json")
+            write_ade_semantic(base, folder, "detectron2")
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)

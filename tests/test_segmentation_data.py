@@ -61,6 +61,19 @@ def _write_panoptic(root: Path, extra_png_id: int | None = None) -> tuple[Path, 
     return json_file, images, pngs
 
 
+def write_ade_semantic(base: Path, folder: str, label_format: str) -> None:
+    """Semantic PNGs for the two 40x40 panoptic images under ``base``: class 1 ("sky") on the top 10 rows,
+    class 0 below, unlabelled on row 39 (``annotations_detectron2`` or raw ``annotations`` format)."""
+    target = base / ("annotations_detectron2" if label_format == "detectron2" else "annotations") / folder
+    target.mkdir(parents=True)
+    label = np.zeros((40, 40), np.uint8)
+    label[:10] = 1
+    label[39] = IGNORE_LABEL
+    stored = label if label_format == "detectron2" else (label + 1).astype(np.uint8)  # 255 + 1 -> 0
+    for image_id in (1, 2):
+        Image.fromarray(stored).save(target / f"{image_id}.png")
+
+
 def _panoptic_module(root: Path, **kwargs) -> PanopticDataModule:
     json_file, images, pngs = _write_panoptic(root, **kwargs)
     return PanopticDataModule(
@@ -173,7 +186,8 @@ def test_panoptic_json_with_unknown_category_is_an_error(tmp_path: Path) -> None
         load_panoptic_json(json_file, images, pngs)
 
 
-def test_ade20k_panoptic_layout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("label_format", ["detectron2", "ade", None])
+def test_ade20k_panoptic_layout_scores_miou_on_the_semantic_annotations(tmp_path: Path, label_format: str | None) -> None:
     base = tmp_path / "ADEChallengeData2016"
     for split, folder in (("train", "training"), ("val", "validation")):
         json_file, images, pngs = _write_panoptic(tmp_path / split)
@@ -181,9 +195,21 @@ def test_ade20k_panoptic_layout(tmp_path: Path) -> None:
         images.rename(base / "images" / folder)
         pngs.rename(base / f"ade20k_panoptic_{split}")
         json_file.rename(base / f"ade20k_panoptic_{split}.json")
+        if label_format is not None:
+            write_ade_semantic(base, folder, label_format)
     module = ADE20KPanopticDataModule(root=str(tmp_path), crop_size=32, num_workers=0)
+    if label_format is None:
+        with pytest.raises(FileNotFoundError, match="annotations_detectron2.* nor .*annotations"):
+            module.setup("fit")
+        return
     module.setup("fit")
     assert module.metadata.evaluator_type == "panoptic"
-    assert max(module._datasets["train"][0]["image"].shape[1:]) <= 32  # crops of at most 32 px
-    assert module._datasets["val"][1]["pan_seg_gt"].shape == (40, 40)
+    assert module._datasets["train"][0]["image"].shape[1:] == (32, 32)  # crops padded to the crop size
+    val = module._datasets["val"][1]
+    assert val["pan_seg_gt"].shape == (40, 40)
+    # the semantic annotation, not labels derived from the panoptic PNG (sky there covers 20 rows, not 10)
+    expected = torch.zeros(40, 40, dtype=torch.long)
+    expected[:10] = 1
+    expected[39] = IGNORE_LABEL
+    assert torch.equal(val["sem_seg_gt"], expected)
 
