@@ -380,7 +380,8 @@ def panoptic_image(rng: np.random.Generator, ade_style: bool, index: int) -> tup
     pred[pred == 50] = 0
     pred[pred == 60] = 0
     _box(pred, 0, 0, 5, 9, 7)  # "person" on the first-listed crowd region (not the last): a false positive
-    _box(pred, height - 5, width - 9, 5, 9, 8)  # "person" on the last-listed crowd region: ignored
+    if index == 0:
+        _box(pred, height - 5, width - 9, 5, 9, 8)  # "person" on the last-listed crowd region: ignored
     if index % 2:
         pred[pred == 102] = 101  # grass predicted as road: merged into its segment
     pred_segments = []
