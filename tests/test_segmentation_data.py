@@ -12,7 +12,7 @@ from PIL import Image
 
 from datamodules.ade20k import ADE20KPanopticDataModule, ADE20KSemanticDataModule
 from datamodules.coco_panoptic import PanopticDataModule, load_panoptic_json
-from datamodules.segmentation import IGNORE_LABEL, LabelFileError, build_segmentation_augmentations
+from datamodules.segmentation import IGNORE_LABEL, LabelFileError, PadToSize, build_segmentation_augmentations
 
 
 def _write_ade(root: Path, size: tuple[int, int] = (48, 64), label_size: tuple[int, int] | None = None) -> Path:
@@ -75,7 +75,10 @@ def write_ade_semantic(base: Path, folder: str, label_format: str) -> None:
 
 
 def _panoptic_module(root: Path, **kwargs) -> PanopticDataModule:
-    json_file, images, pngs = _write_panoptic(root, **kwargs)
+    return _module_for(*_write_panoptic(root, **kwargs))
+
+
+def _module_for(json_file: Path, images: Path, pngs: Path) -> PanopticDataModule:
     return PanopticDataModule(
         train_json=str(json_file), train_images=str(images), train_panoptic=str(pngs),
         val_json=str(json_file), val_images=str(images), val_panoptic=str(pngs),
@@ -213,3 +216,61 @@ def test_ade20k_panoptic_layout_scores_miou_on_the_semantic_annotations(tmp_path
     expected[39] = IGNORE_LABEL
     assert torch.equal(val["sem_seg_gt"], expected)
 
+
+
+def test_ade_recipe_uses_ssd_colour_jitter_and_pads_crops_to_the_crop_size() -> None:
+    from detectron2.data import transforms as T
+    from detectron2.projects.point_rend import ColorAugSSDTransform
+
+    augmentations = build_segmentation_augmentations(True, "ade", crop_size=64, seg_pad_value=IGNORE_LABEL)
+    colour = [a for a in augmentations if isinstance(a, ColorAugSSDTransform)]
+    assert len(colour) == 1 and colour[0].hue_delta == 18 and colour[0].is_rgb  # +-18 of OpenCV's 0-180 hues
+    assert isinstance(augmentations[-1], PadToSize)  # padding comes last, after the flip (bottom/right)
+    image = np.full((40, 50, 3), 7, np.uint8)  # smaller than the crop: padded, as SIZE_DIVISIBILITY does
+    label = np.zeros((40, 50), np.uint8)
+    aug_input = T.AugInput(image, sem_seg=label)
+    PadToSize(64, seg_pad_value=IGNORE_LABEL)(aug_input)
+    assert aug_input.image.shape == (64, 64, 3) and (aug_input.image[40:] == 128).all()
+    assert (aug_input.sem_seg[:, 50:] == IGNORE_LABEL).all() and (aug_input.sem_seg[:40, :50] == 0).all()
+
+
+def test_panoptic_records_keep_json_areas_and_give_instance_ground_truth(tmp_path: Path) -> None:
+    json_file, images, pngs = _write_panoptic(tmp_path)
+    data = json.loads(json_file.read_text())
+    for annotation in data["annotations"]:
+        annotation["segments_info"][0]["area"] = 999  # recorded before things were pasted (ADE20K)
+    json_file.write_text(json.dumps(data))
+    module = _module_for(json_file, images, pngs)
+    module.setup("validate")
+    record = module._datasets["val"][0]
+    assert [s.get("area") for s in record["segments_info"]] == [999, None, None]
+    truth = module.instance_ground_truth()
+    # the box (category 4) and the crowd box, per image; the sky is stuff
+    assert [(a["image_id"], a["category_id"], a["area"], a["iscrowd"]) for a in truth["annotations"]] == [
+        (1, 4, 100.0, 0), (1, 4, 100.0, 1), (2, 4, 100.0, 0), (2, 4, 100.0, 1)]
+    assert truth["categories"] == [{"id": 4, "name": "box"}]
+
+
+def test_instance_ap_of_perfect_masks_against_the_derived_ground_truth(tmp_path: Path) -> None:
+    from detectron2.structures import Boxes, Instances
+
+    from focalnet_pl.evaluation.coco import COCOInstanceEvaluator
+
+    json_file, images, pngs = _write_panoptic(tmp_path)
+    data = json.loads(json_file.read_text())
+    for image, annotation in zip(data["images"], data["annotations"]):  # string ids, as ADE20K's
+        image["id"] = annotation["image_id"] = f"ADE_val_{image['id']}"
+    json_file.write_text(json.dumps(data))
+    module = _module_for(json_file, images, pngs)
+    module.setup("validate")
+    to_dataset = {v: k for k, v in module.metadata.stuff_dataset_id_to_contiguous_id.items()}
+    evaluator = COCOInstanceEvaluator(module.instance_ground_truth(), to_dataset, ("segm",))
+    for record in module._datasets["val"]:
+        instances = Instances((40, 40))
+        instances.pred_masks = record["pan_seg_gt"][None] == 7
+        instances.pred_boxes = Boxes(torch.zeros(1, 4))  # as the official model gives: the AP comes from the masks
+        instances.scores = torch.tensor([0.9])
+        instances.pred_classes = torch.tensor([0])
+        evaluator.process([record], [{"instances": instances}])
+    metrics = evaluator.evaluate()
+    assert metrics["segm_AP"] == pytest.approx(1.0) and "AP" not in metrics  # box-free mask AP only
