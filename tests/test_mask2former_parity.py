@@ -239,3 +239,32 @@ def test_pixel_decoder_runs_in_float32_under_autocast(loaded) -> None:
             mixed = model.pixel_decoder(rounded)
     for ours, theirs in zip([mixed[0], *mixed[1]], [reference[0], *reference[1]], strict=True):
         assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+
+
+def test_model_weights_of_the_segmentation_task(official, loaded, tmp_path) -> None:
+    """``MODEL.WEIGHTS``: the whole official checkpoint; with ``MODEL.FOCALNET.WEIGHTS`` the backbone comes
+    from that file and the checkpoint's backbone tensors are reported as skipped."""
+    from focalnet_pl.tasks.segmentation import SegmentationTask
+
+    checkpoint = tmp_path / "model_final.pth"
+    torch.save(official["checkpoint"], checkpoint)
+    config = copy.deepcopy(official["config"])
+    config["MODEL"]["WEIGHTS"] = str(checkpoint)
+    task = SegmentationTask(detectron2=config)
+    task.setup("fit")
+    assert task.weights_report.layout == "mask2former" and not task.weights_report.problems()
+    reference = loaded[0].state_dict()
+    assert all(torch.equal(value, reference[key]) for key, value in task.model.state_dict().items())
+
+    backbone = {k.removeprefix("backbone.body."): v.float() + 1 for k, v in official["checkpoint"]["model"].items()
+                if k.startswith("backbone.body.")}
+    torch.save(backbone, tmp_path / "focalnet.pth")
+    config["MODEL"]["FOCALNET"]["WEIGHTS"] = str(tmp_path / "focalnet.pth")
+    task = SegmentationTask(detectron2=config)
+    task.setup("fit")
+    report = task.weights_report
+    assert not report.problems()
+    assert sum(entry.startswith("backbone.body.") for entry in report.skipped) == len(backbone)
+    state = task.model.state_dict()
+    assert all(torch.equal(state[f"backbone.body.{k}"], v) for k, v in backbone.items())
+    assert torch.equal(state["transformer_decoder.class_embed.weight"], reference["transformer_decoder.class_embed.weight"])
