@@ -197,7 +197,8 @@ class SegmentationMapper:
     default: 0 = unlabelled, class ``i`` stored as ``i + 1``) or detectron2's (``"detectron2"``: class
     ``i`` as ``i``, 255 ignored, e.g. ADE20K's ``annotations_detectron2``). Panoptic records train from
     the panoptic PNG and, when they name a semantic PNG too, are scored for mIoU against it (else against
-    labels derived from the panoptic PNG).
+    labels derived from the panoptic PNG). One difference from the official mappers: a panoptic segment the
+    crop leaves without pixels is dropped here, where they keep it as a target with an empty mask.
     """
 
     def __init__(self, augmentations: list[T.Augmentation], is_train: bool, classes: SegmentationClasses) -> None:
