@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from detectron2.data import Metadata
 from PIL import Image
 from torch import nn
