@@ -5,9 +5,13 @@
   labels 1..150 become classes 0..149.
 * Panoptic (converted with Mask2Former's ``prepare_ade20k_pan_seg.py``):
   ``ADEChallengeData2016/ade20k_panoptic_{train,val}.json`` and PNG folders ``ade20k_panoptic_{train,val}/``.
+  Its mIoU is scored, as the official evaluation does, against the semantic annotations:
+  ``annotations_detectron2/{training,validation}`` (``prepare_ade20k_sem_seg.py``) when present, else
+  the raw ``annotations/`` they are made from (the same labels).
 
-Recipe defaults are Mask2Former's: multi-scale (0.5-2.0) resize, 512 crops (640 for the large
-models, set ``crop_size``), photometric distortion and flips; evaluation at shortest side ``crop_size``.
+Recipe defaults are Mask2Former's: multi-scale (0.5-2.0) resize, 512 crops for semantic segmentation
+(640 for the large models, set ``crop_size``) and 640 for panoptic, SSD colour jitter and flips, crops
+padded to the crop size; evaluation at shortest side ``crop_size``.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ class ADE20KSemanticDataModule(SegmentationDataModule):
 
 
 class ADE20KPanopticDataModule(PanopticDataModule):
-    """ADE20K panoptic (150 categories: 100 things, 50 stuff) under ``root/ADEChallengeData2016``."""
+    """ADE20K panoptic (150 categories: 100 things, 50 stuff) under ``root/ADEChallengeData2016``; the
+    records also name their semantic annotation (see the module docstring)."""
 
     data_layout = ("  <root>/ADEChallengeData2016/ade20k_panoptic_{{train,val}}.json\n"
                    "  <root>/ADEChallengeData2016/images/{{training,validation}}/<image files>\n"
@@ -128,6 +133,7 @@ class ADE20KPanopticDataModule(PanopticDataModule):
         if not Path(root).is_dir():
             raise self._data_not_found(f"ADE20K root folder {root}")
         base = Path(root) / "ADEChallengeData2016"
+        self.dataset_root = base
         super().__init__(
             train_json=str(base / "ade20k_panoptic_train.json"),
             train_images=str(base / "images" / "training"),
@@ -140,3 +146,21 @@ class ADE20KPanopticDataModule(PanopticDataModule):
             predict_images=predict_images, batch_size=batch_size, eval_batch_size=eval_batch_size,
             num_workers=num_workers,
         )
+
+    def records(self, split: Literal["train", "val", "test"]) -> list[dict]:
+        records = super().records(split)
+        folder = _ADE_SPLITS[split]
+        converted = self.dataset_root / "annotations_detectron2" / folder
+        raw = self.dataset_root / "annotations" / folder
+        if converted.is_dir():
+            semantic_dir, label_format = converted, "detectron2"
+        elif raw.is_dir():
+            semantic_dir, label_format = raw, "ade"
+        else:
+            raise FileNotFoundError(
+                f"ADE20K panoptic needs the semantic annotations for its mIoU: neither {converted} nor {raw} exists"
+            )
+        for record in records:
+            record["sem_seg_file_name"] = str(semantic_dir / Path(record["pan_seg_file_name"]).name)
+            record["sem_seg_format"] = label_format
+        return records

@@ -13,11 +13,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+from pycocotools import mask as mask_utils
+
 from datamodules.demo_shapes import ensure_demo_shapes
 from datamodules.image_io import DataNotFoundError, missing_data_message
-from datamodules.segmentation import Augmentation, SegmentationClasses, SegmentationDataModule
+from datamodules.segmentation import Augmentation, SegmentationClasses, SegmentationDataModule, read_panoptic_png
 
-__all__ = ["COCOPanopticDataModule", "PanopticDataModule", "load_panoptic_json"]
+__all__ = ["COCOPanopticDataModule", "PanopticDataModule", "instances_from_panoptic", "load_panoptic_json"]
 
 
 def _read_json(json_file: Path) -> dict:
@@ -33,6 +36,37 @@ def _read_json(json_file: Path) -> dict:
     if not data["categories"]:
         raise ValueError(f"malformed panoptic json {json_file}: 'categories' is empty")
     return data
+
+
+def instances_from_panoptic(records: list[dict], classes: SegmentationClasses) -> dict:
+    """COCO instances ground truth (``images``, ``annotations`` with RLE masks, ``categories``) of the
+    thing segments of panoptic ``records``, in dataset category ids; crowd segments keep ``iscrowd``.
+    Segments without pixels are left out (no instance to detect)."""
+    images, annotations = [], []
+    for record in records:
+        ids = read_panoptic_png(record["pan_seg_file_name"])
+        height, width = ids.shape
+        images.append({"id": record["image_id"], "height": height, "width": width, "file_name": record["file_name"]})
+        for segment in record["segments_info"]:
+            mask = ids == segment["id"]
+            if not classes.is_thing[segment["category_id"]] or not mask.any():
+                continue
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": record["image_id"],
+                "category_id": classes.dataset_ids[segment["category_id"]],
+                "segmentation": rle,
+                "area": float(mask.sum()),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "iscrowd": segment["iscrowd"],
+            })
+    categories = [
+        {"id": dataset_id, "name": name}
+        for dataset_id, name, thing in zip(classes.dataset_ids, classes.names, classes.is_thing) if thing
+    ]
+    return {"images": images, "annotations": annotations, "categories": categories}
 
 
 def load_panoptic_json(
@@ -70,12 +104,15 @@ def load_panoptic_json(
             if segment.get("category_id") not in to_contiguous:
                 raise ValueError(f"{where}: segment {segment.get('id')} has unknown category_id {segment.get('category_id')!r}")
             contiguous = to_contiguous[segment["category_id"]]
-            segments.append({
+            entry = {
                 "id": int(segment["id"]),
                 "category_id": contiguous,
                 "iscrowd": int(segment.get("iscrowd", 0)),
                 "isthing": classes.is_thing[contiguous],
-            })
+            }
+            if "area" in segment:  # scored as panopticapi does: the recorded area, not the PNG's pixels
+                entry["area"] = int(segment["area"])
+            segments.append(entry)
         if len({s["id"] for s in segments}) != len(segments):
             raise ValueError(f"{where}: duplicate segment ids")
         image_file = image_root / image["file_name"]
@@ -98,7 +135,12 @@ def load_panoptic_json(
 
 
 class PanopticDataModule(SegmentationDataModule):
-    """Panoptic segmentation from explicit panopticapi files per split (``test`` defaults to ``val``)."""
+    """Panoptic segmentation from explicit panopticapi files per split (``test`` defaults to ``val``).
+
+    ``val_instances_json``: COCO instances ground truth for the instance AP of models with
+    ``INSTANCE_ON`` (as Mask2Former scores COCO panoptic against ``instances_val2017.json``); without
+    it the instances are the thing segments of the panoptic annotation (see :func:`instances_from_panoptic`).
+    """
 
     task = "panoptic"
     seg_pad_value = 0
@@ -115,6 +157,7 @@ class PanopticDataModule(SegmentationDataModule):
         val_json: str | None = None,
         val_images: str | None = None,
         val_panoptic: str | None = None,
+        val_instances_json: str | None = None,
         augmentation: Augmentation = "lsj",
         crop_size: int = 1024,
         min_scale: float = 0.1,
@@ -133,7 +176,10 @@ class PanopticDataModule(SegmentationDataModule):
             "train": (train_json, train_images, train_panoptic),
             "val": (val_json, val_images, val_panoptic),
         }
+        self.val_instances_json = val_instances_json
+        self._default_instances_json: Path | None = None  # used when it exists and none is given
         self._records: dict[str, list[dict]] = {}
+        self._derived_instances: dict | None = None
 
     def split_paths(self, split: str) -> tuple[Path, Path, Path]:
         """(json, image folder, panoptic PNG folder) of ``split``."""
@@ -180,11 +226,26 @@ class PanopticDataModule(SegmentationDataModule):
     def records(self, split: Literal["train", "val", "test"]) -> list[dict]:
         return self._load(split)
 
+    def instance_ground_truth(self) -> str | dict:
+        """COCO instances ground truth of the val/test split: ``val_instances_json`` (or the dataset's
+        standard instances file when it exists), else the dict :func:`instances_from_panoptic` makes of
+        the panoptic annotation (built once)."""
+        if self.val_instances_json is not None:
+            if not Path(self.val_instances_json).is_file():
+                raise FileNotFoundError(f"val_instances_json {self.val_instances_json} does not exist")
+            return self.val_instances_json
+        if self._default_instances_json is not None and self._default_instances_json.is_file():
+            return str(self._default_instances_json)
+        if self._derived_instances is None:
+            self._derived_instances = instances_from_panoptic(self.records("val"), self.classes)
+        return self._derived_instances
+
 
 class COCOPanopticDataModule(PanopticDataModule):
     """COCO panoptic under ``root`` (standard layout, see the module docstring), or the generated demo
     shapes (``demo=True``; ``root`` defaults to ``data/demo_shapes``). Recipe defaults: large-scale jitter
-    (0.1-2.0) with 1024 crops, evaluation at shortest side 800."""
+    (0.1-2.0) with 1024 crops, evaluation at shortest side 800. Instance AP is scored against
+    ``annotations/instances_val2017.json`` when that file exists (the official Mask2Former evaluation)."""
 
     data_layout = ("  <root>/annotations/panoptic_{{train,val}}2017.json\n  <root>/{{train,val}}2017/<image files>\n"
                    "  <root>/panoptic_{{train,val}}2017/<PNG files>")
@@ -228,6 +289,7 @@ class COCOPanopticDataModule(PanopticDataModule):
             num_workers=num_workers,
         )
         self._demo_root = demo_root
+        self._default_instances_json = coco / "annotations" / "instances_val2017.json"
         if demo_root is not None:
             ensure_demo_shapes(demo_root)
 

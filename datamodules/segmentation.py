@@ -7,7 +7,7 @@
   for evaluation, the untouched ground truth (``sem_seg_gt``, ``pan_seg_gt`` + ``segments_info``).
   Label files are checked against their image and annotation; errors name both files.
 * :func:`build_segmentation_augmentations`: the ADE20K recipe (multi-scale resize to 0.5-2.0 x the
-  crop, random crop, photometric distortion, flip) and COCO's large-scale jitter.
+  crop, random crop, SSD colour jitter, flip, padding to the crop size) and COCO's large-scale jitter.
 * :class:`SegmentationDataModule`: loaders, metadata and the predict split; subclasses list records.
 """
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from detectron2.data import Metadata
 from detectron2.data import transforms as T
+from detectron2.projects.point_rend import ColorAugSSDTransform
 from detectron2.structures import Instances
 from PIL import Image
 
@@ -32,7 +33,7 @@ from datamodules.image_io import predict_image_files, read_image_rgb
 __all__ = [
     "IGNORE_LABEL",
     "LabelFileError",
-    "PhotometricDistortion",
+    "PadToSize",
     "SegmentationClasses",
     "SegmentationDataModule",
     "SegmentationMapper",
@@ -118,36 +119,20 @@ def read_panoptic_png(path: str | Path) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
-class PhotometricDistortion(T.Augmentation):
-    """SSD-style colour jitter, each step with probability 1/2: brightness (+-``brightness_delta``),
-    contrast and saturation (x ``[lower, upper]``) and hue (+-``hue_delta`` degrees). RGB input."""
+class PadToSize(T.Augmentation):
+    """Pad at the bottom and right to ``size`` x ``size`` (images with ``pad_value``, labels with
+    ``seg_pad_value``), as Mask2Former's ADE20K mappers pad training crops (``INPUT.SIZE_DIVISIBILITY``)."""
 
-    def __init__(self, brightness_delta: float = 32.0, contrast: tuple[float, float] = (0.5, 1.5),
-                 saturation: tuple[float, float] = (0.5, 1.5), hue_delta: float = 18.0) -> None:
+    def __init__(self, size: int, pad_value: float = 128.0, seg_pad_value: int = IGNORE_LABEL) -> None:
         super().__init__()
         self._init(locals())
 
     def get_transform(self, image: np.ndarray) -> T.Transform:
-        rng = np.random
-        brightness = rng.uniform(-self.brightness_delta, self.brightness_delta) if rng.rand() < 0.5 else 0.0
-        contrast = rng.uniform(*self.contrast) if rng.rand() < 0.5 else 1.0
-        saturation = rng.uniform(*self.saturation) if rng.rand() < 0.5 else 1.0
-        hue = rng.uniform(-self.hue_delta, self.hue_delta) if rng.rand() < 0.5 else 0.0
-
-        def distort(array: np.ndarray) -> np.ndarray:
-            out = array.astype(np.float32) + brightness
-            out = out * contrast
-            if saturation != 1.0:
-                gray = out @ np.array([0.299, 0.587, 0.114], np.float32)
-                out = gray[..., None] + (out - gray[..., None]) * saturation
-            out = np.clip(out, 0, 255).astype(np.uint8)
-            if hue != 0.0:
-                hsv = np.asarray(Image.fromarray(out).convert("HSV")).copy()
-                hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + int(round(hue / 360 * 256))) % 256).astype(np.uint8)
-                out = np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB"))
-            return out
-
-        return T.ColorTransform(distort)
+        height, width = image.shape[:2]
+        if height > self.size or width > self.size:
+            raise ValueError(f"cannot pad a {width}x{height} image to {self.size}x{self.size}")
+        return T.PadTransform(0, 0, self.size - width, self.size - height, width, height,
+                              self.pad_value, self.seg_pad_value)
 
 
 def build_segmentation_augmentations(
@@ -164,7 +149,10 @@ def build_segmentation_augmentations(
     """Training / evaluation augmentations.
 
     * ``ade`` (Mask2Former ADE20K): shortest side from ``{0.5, 0.6, ..., 2.0} x crop_size`` (long side
-      <= 4 x crop_size), random ``crop_size`` crop, photometric distortion, horizontal flip;
+      <= 4 x crop_size), random ``crop_size`` crop, SSD colour jitter (detectron2's
+      ``ColorAugSSDTransform``: brightness +-32, contrast and saturation x [0.5, 1.5], hue +-18 in
+      OpenCV's 0-180 units), horizontal flip, then padding to ``crop_size`` x ``crop_size`` (image 128,
+      labels ``seg_pad_value``) as the official mapper's ``SIZE_DIVISIBILITY`` does;
     * ``lsj`` (COCO large-scale jitter): resize to ``[min_scale, max_scale] x crop_size``, random crop /
       pad to ``crop_size`` (segmentation pad ``seg_pad_value``), flip;
     * ``none`` and evaluation: shortest side ``test_size`` (long side <= ``test_max_size``).
@@ -172,7 +160,7 @@ def build_segmentation_augmentations(
     if not is_train or augmentation == "none":
         return [T.ResizeShortestEdge(test_size, test_max_size)]
     flip = T.RandomFlip(horizontal=True)
-    colour = [PhotometricDistortion()] if photometric else []
+    colour = [ColorAugSSDTransform(img_format="RGB")] if photometric else []
     if augmentation == "ade":
         sizes = sorted({int(round(crop_size * step / 10)) for step in range(int(min_scale * 10), int(max_scale * 10) + 1)})
         return [
@@ -180,6 +168,7 @@ def build_segmentation_augmentations(
             T.RandomCrop("absolute", (crop_size, crop_size)),
             *colour,
             flip,
+            PadToSize(crop_size, seg_pad_value=seg_pad_value),
         ]
     if augmentation == "lsj":
         return [
@@ -202,9 +191,14 @@ def _check_same_size(image: np.ndarray, label: np.ndarray, image_file: str, labe
 class SegmentationMapper:
     """Record -> model input (see the module docstring).
 
-    Records carry ``file_name`` and ``image_id`` plus either ``sem_seg_file_name`` (ADE-style PNG:
-    0 = unlabelled, class ``i`` stored as ``i + 1``) or ``pan_seg_file_name`` + ``segments_info``
-    (contiguous ``category_id``, ``iscrowd``) + ``json_file``; records with neither are images to predict.
+    Records carry ``file_name`` and ``image_id`` plus ``sem_seg_file_name`` and/or ``pan_seg_file_name`` +
+    ``segments_info`` (contiguous ``category_id``, ``iscrowd``, ``area``) + ``json_file``; records with
+    neither are images to predict. The semantic PNG holds ADE's raw labels (``sem_seg_format: "ade"``, the
+    default: 0 = unlabelled, class ``i`` stored as ``i + 1``) or detectron2's (``"detectron2"``: class
+    ``i`` as ``i``, 255 ignored, e.g. ADE20K's ``annotations_detectron2``). Panoptic records train from
+    the panoptic PNG and, when they name a semantic PNG too, are scored for mIoU against it (else against
+    labels derived from the panoptic PNG). One difference from the official mappers: a panoptic segment the
+    crop leaves without pixels is dropped here, where they keep it as a target with an empty mask.
     """
 
     def __init__(self, augmentations: list[T.Augmentation], is_train: bool, classes: SegmentationClasses) -> None:
@@ -215,14 +209,18 @@ class SegmentationMapper:
     def _semantic_label(self, record: dict, image: np.ndarray) -> np.ndarray:
         label = read_label_png(record["sem_seg_file_name"])
         _check_same_size(image, label, record["file_name"], record["sem_seg_file_name"])
-        too_large = label > self.classes.num_classes
-        if too_large.any():
+        label_format = record.get("sem_seg_format", "ade")
+        if label_format not in ("ade", "detectron2"):
+            raise ValueError(f"record {record['file_name']}: unknown sem_seg_format {label_format!r}")
+        # ADE: 0 (unlabelled) -> 255 via uint8 wrap-around, class i + 1 -> i; detectron2: as stored
+        shifted = label - np.uint8(1) if label_format == "ade" else label
+        bad = (shifted >= self.classes.num_classes) & (shifted != IGNORE_LABEL)
+        if bad.any():
             raise LabelFileError(
-                f"label {record['sem_seg_file_name']} (image {record['file_name']}) has values "
-                f"{sorted(np.unique(label[too_large]).tolist())[:10]} above the {self.classes.num_classes} classes"
+                f"label {record['sem_seg_file_name']} (image {record['file_name']}, {label_format} format) has values "
+                f"{sorted(np.unique(label[bad]).tolist())[:10]} above the {self.classes.num_classes} classes"
             )
-        # 0 (unlabelled) -> 255 via uint8 wrap-around, class i + 1 -> i
-        return label - np.uint8(1)
+        return shifted
 
     def _panoptic_ids(self, record: dict, image: np.ndarray) -> np.ndarray:
         ids = read_panoptic_png(record["pan_seg_file_name"])
@@ -251,20 +249,19 @@ class SegmentationMapper:
             "width": image.shape[1],
         }
         label = ids = None
-        if "sem_seg_file_name" in record:
-            label = self._semantic_label(record, image)
-        elif "pan_seg_file_name" in record:
+        if "pan_seg_file_name" in record:
             ids = self._panoptic_ids(record, image)
+        if "sem_seg_file_name" in record and (ids is None or not self.is_train):
+            label = self._semantic_label(record, image)
 
         if not self.is_train:
-            if label is not None:
-                output["sem_seg_gt"] = torch.from_numpy(label.astype(np.int64))
             if ids is not None:
                 output["pan_seg_gt"] = torch.from_numpy(ids)
                 output["segments_info"] = record["segments_info"]
-                output["sem_seg_gt"] = torch.from_numpy(
-                    self._semantic_from_panoptic(ids, record["segments_info"]).astype(np.int64)
-                )
+                if label is None:
+                    label = self._semantic_from_panoptic(ids, record["segments_info"])
+            if label is not None:
+                output["sem_seg_gt"] = torch.from_numpy(label.astype(np.int64))
             aug_input = T.AugInput(image)
             self.augmentations(aug_input)
             output["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))

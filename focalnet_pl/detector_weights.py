@@ -10,18 +10,21 @@ converted to our parameter names, and checked against the model:
   re-initialised, with the reason in the report, when the class set differs (fine-tuning);
 * everything else must fit: a tensor of another shape, a missing key or a key the model does not use
   raises :class:`~focalnet_pl.weights.CheckpointError` naming what differs (``strict=False`` loads
-  what fits and logs the rest). Nothing is dropped without being reported.
+  what fits and logs the rest). Nothing is dropped without being reported: tensors left out on purpose
+  (parts excluded by ``checkpoint_filter``, loss constants) are listed as ``skipped`` with the reason.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -47,9 +50,46 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+class _NumpyArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only (detectron2 ``.pkl`` checkpoints); any other
+    global, which could run code, is refused."""
+
+    _ALLOWED = {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def _read_numpy_pickle(path: Path) -> dict[str, Any]:
+    """A detectron2 ``.pkl`` checkpoint (``{"model": {name: ndarray}, ...}``) with tensors for the arrays."""
+    try:
+        with path.open("rb") as handle:
+            obj = _NumpyArrayUnpickler(handle, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"Refused to load {path}: it pickles objects other than numpy arrays and plain containers "
+            f"(loading it would run code). Details: {err}"
+        ) from err
+    except (EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"Cannot read pickle checkpoint {path} (truncated or corrupt): {err}") from err
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__})")
+    model = obj.get("model", obj)
+    if isinstance(model, Mapping):
+        model = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in model.items()}
+    return {**obj, "model": model}
+
+
 def read_detector_checkpoint(source: str | Path, allowed_globals: Sequence[Any] = ()) -> dict[str, Any]:
-    """The top-level object of a detector checkpoint: a ``.safetensors`` file (as ``{"model": tensors}``)
-    or a torch pickle read with ``weights_only=True``.
+    """The top-level object of a detector checkpoint: a ``.safetensors`` file (as ``{"model": tensors}``),
+    a detectron2 ``.pkl`` file of numpy arrays (the official Mask2Former releases) or a torch pickle read
+    with ``weights_only=True``.
 
     ``allowed_globals`` are the only classes besides tensors and plain containers the pickle may
     hold (e.g. ``argparse.Namespace`` for the ``args`` saved by the official DINO ``main.py``);
@@ -63,6 +103,8 @@ def read_detector_checkpoint(source: str | Path, allowed_globals: Sequence[Any] 
             return {"model": load_file(str(path))}
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"Cannot read safetensors file {path}: {err}") from err
+    if path.suffix == ".pkl":
+        return _read_numpy_pickle(path)
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -103,6 +145,7 @@ class ConvertedState:
     converted: set[str] = field(default_factory=set)  # our keys whose tensor was renamed, reshaped or merged
     unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model has no use for
     class_rows: dict[str, ClassRows] = field(default_factory=dict)  # our class-dependent keys
+    skipped: list[str] = field(default_factory=list)  # "checkpoint key: reason" not loaded on purpose
 
 
 class DetectorLayout(Protocol):
@@ -123,7 +166,7 @@ class DetectorLayout(Protocol):
 DETECTOR_LAYOUTS: list[DetectorLayout] = []
 
 #: Modules that register their layouts on import (imported by :func:`detect_detector_layout`).
-LAYOUT_MODULES: list[str] = ["focalnet_pl.d2.mmdet_weights"]
+LAYOUT_MODULES: list[str] = ["focalnet_pl.d2.mmdet_weights", "focalnet_pl.mask2former.weights"]
 
 #: Classes a detector checkpoint may pickle besides tensors (``args`` of the official DINO ``main.py``).
 SAFE_CHECKPOINT_GLOBALS: list[Any] = []
@@ -146,6 +189,7 @@ class DetectorLoadReport:
     converted: list[str] = field(default_factory=list)  # model keys filled from renamed/reshaped/selected tensors
     reinitialised: list[str] = field(default_factory=list)  # "key: reason", left at the model's init on purpose
     unexpected: list[str] = field(default_factory=list)  # file keys the model does not use
+    skipped: list[str] = field(default_factory=list)  # "key: reason", file tensors left out on purpose
     missing: list[str] = field(default_factory=list)  # model keys the file lacks
     wrong_shape: list[str] = field(default_factory=list)  # "key (file shape vs model shape)"
 
@@ -162,7 +206,7 @@ class DetectorLoadReport:
     def summary(self) -> str:
         counts = ", ".join(
             f"{len(getattr(self, name))} {name.replace('_', ' ')}"
-            for name in ("loaded", "converted", "reinitialised", "unexpected", "missing", "wrong_shape")
+            for name in ("loaded", "converted", "reinitialised", "skipped", "unexpected", "missing", "wrong_shape")
         )
         return f"{self.source} ({self.layout} layout): {counts}"
 
@@ -258,8 +302,10 @@ def load_detector_weights(
             record theirs (COCO's 91-row layout). Without it, class tensors load only when their class
             count equals the model's.
         strict: raise :class:`CheckpointError` when a tensor is missing, unused or of another shape.
-        checkpoint_filter: only model keys for which this returns True are expected from the file
-            (e.g. everything but the backbone when that comes from ``MODEL.FOCALNET.WEIGHTS``).
+        checkpoint_filter: only model keys for which this returns True are expected from and loaded
+            from the file (e.g. everything but the backbone when that comes from ``MODEL.FOCALNET.WEIGHTS``);
+            the file's tensors for the other keys (or for a part of that prefix the model does not
+            have, such as a Swin backbone) are reported as ``skipped``.
 
     Returns:
         a :class:`DetectorLoadReport`, also logged.
@@ -271,11 +317,16 @@ def load_detector_weights(
     )
     layout = detect_detector_layout(checkpoint)
     state = layout.convert(checkpoint, model)
-    report = DetectorLoadReport(source=name, layout=layout.name, unexpected=list(state.unexpected))
+    report = DetectorLoadReport(
+        source=name, layout=layout.name, unexpected=list(state.unexpected), skipped=list(state.skipped)
+    )
     target = model.state_dict()
     expected = [key for key in target if checkpoint_filter is None or checkpoint_filter(key)]
     loaded: StateDict = {}
     for key, value in state.tensors.items():
+        if checkpoint_filter is not None and not checkpoint_filter(key):
+            report.skipped.append(f"{key}: excluded by checkpoint_filter")
+            continue
         if key not in target:
             report.unexpected.append(key)
             continue
@@ -306,6 +357,9 @@ def load_detector_weights(
     log.info("Loaded detector weights: %s", report.summary())
     if report.reinitialised:
         log.warning("Left at their initial values: %s", "; ".join(report.reinitialised))
+    if report.skipped:
+        log.warning("Not loaded on purpose: %s", "; ".join(report.skipped[:20])
+                    + (f"; ... ({len(report.skipped) - 20} more)" if len(report.skipped) > 20 else ""))
     if report.problems():
         log.warning("Not loaded (strict=False): %s", report.problems())
     return report

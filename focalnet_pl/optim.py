@@ -48,6 +48,56 @@ def param_groups(
     return list(groups.values())
 
 
+#: module types whose parameters detectron2 / Mask2Former's ``build_optimizer`` treat as normalisation
+NORM_MODULE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
+)
+
+
+def module_type_param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_scale: dict[str, float] | None = None,
+    weight_decay_norm: float = 0.0,
+    weight_decay_embed: float = 0.0,
+) -> list[dict]:
+    """AdamW groups by the rule of Mask2Former's ``train_net.py`` (``build_optimizer``).
+
+    Every parameter gets ``weight_decay``, biases included, except: parameters of normalisation
+    layers (:data:`NORM_MODULE_TYPES`) get ``weight_decay_norm``, of ``nn.Embedding`` (learned queries,
+    level embeddings) ``weight_decay_embed``, and Swin's ``relative_position_bias_table`` /
+    ``absolute_pos_embed`` 0. Plain ``nn.Parameter`` s such as the pixel decoder's level embedding decay.
+    ``lr_scale`` and the group fields are as in :func:`param_groups`; groups are named by prefix and decay.
+    """
+    lr_scale = lr_scale or {}
+    groups: dict[tuple[str, float], dict] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            decay = weight_decay
+            if "relative_position_bias_table" in param_name or "absolute_pos_embed" in param_name:
+                decay = 0.0
+            if isinstance(module, NORM_MODULE_TYPES):
+                decay = weight_decay_norm
+            if isinstance(module, nn.Embedding):
+                decay = weight_decay_embed
+            prefix = next((p for p in lr_scale if name.startswith(p)), "")
+            key = (prefix, decay)
+            if key not in groups:
+                groups[key] = {
+                    "name": f"{prefix or 'default'}/weight_decay={decay:g}",
+                    "params": [], "param_names": [], "weight_decay": decay, "lr_scale": lr_scale.get(prefix, 1.0),
+                }
+            groups[key]["params"].append(param)
+            groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float, min_lr: float) -> float:
     """Learning rate at ``step``: linear from ``warmup_lr`` to ``base_lr``, then cosine down to ``min_lr``."""
     if step < warmup_steps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
+from datamodules.coco_panoptic import instances_from_panoptic, load_panoptic_json
 from focalnet_pl.d2.config import build_detectron2_cfg
 from focalnet_pl.evaluation.panoptic import PanopticQualityEvaluator
 from focalnet_pl.mask2former import (
@@ -24,7 +26,7 @@ from focalnet_pl.mask2former import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_segmentation_data import _write_ade, _write_panoptic  # noqa: E402
+from test_segmentation_data import _write_ade, _write_panoptic, write_ade_semantic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,6 +139,38 @@ def test_panoptic_inference_by_hand() -> None:
     assert [s["category_id"] for s in segments] == [1]
 
 
+def test_panoptic_inference_counts_every_pixel_a_query_wins() -> None:
+    """The official rule: the area a query wins (inside its own mask or not) is compared with its own mask."""
+    logits = torch.full((2, 3), -10.0)
+    logits[0, 0] = logits[1, 1] = 10.0  # q0 thing, q1 stuff
+    masks = torch.tensor([[[3.0, 3.0, 3.0, 3.0, -1.0, -1.0]],  # q0: own pixels 0-3 (4 px)
+                          [[-9.0, -9.0, 10.0, 10.0, -5.0, -5.0]]])  # q1: own and wins pixels 2-3
+    # q0 wins pixels 0, 1 (own) and 4, 5 (everyone's probability < 0.5 there, q0's highest): 4 / 4 >= 0.8;
+    # inside its own mask it keeps only 2 of 4, which a rule counting those alone would drop
+    segment_map, segments = panoptic_inference(logits, masks, thing_class_ids={0}, overlap_threshold=0.8)
+    assert segments == [{"id": 1, "isthing": True, "category_id": 0}, {"id": 2, "isthing": False, "category_id": 1}]
+    assert segment_map.tolist() == [[1, 1, 2, 2, 0, 0]]  # its segment: won pixels inside its own mask
+
+
+def test_the_two_sine_position_embeddings() -> None:
+    """Mask2Former's covers the whole map ((i + 1) / H); DINO's counts only the unpadded pixels."""
+    from focalnet_pl.layers import DINOSinePositionEmbedding, MaskFormerSinePositionEmbedding
+
+    features = torch.zeros(1, 3, 4, 6)
+    mask_former = MaskFormerSinePositionEmbedding(4)(features)
+    assert mask_former.shape == (1, 8, 4, 6) and mask_former.dtype == torch.float32
+    # channel 0: sin of the y position (temperature ** 0 = 1); channel 1: cos of it
+    expected_y = torch.arange(1, 5) / (4 + 1e-6) * 2 * torch.pi
+    torch.testing.assert_close(mask_former[0, 0, :, 0], expected_y.sin())
+    torch.testing.assert_close(mask_former[0, 1, :, 3], expected_y.cos())
+    padding = torch.zeros(1, 4, 6, dtype=torch.bool)
+    dino = DINOSinePositionEmbedding(4, temperature=10000.0)
+    # unpadded: the same positions (temperatures equal); padded: DINO's stop at the image's last pixel
+    torch.testing.assert_close(dino(padding), mask_former)
+    padding[:, 2:] = True
+    assert dino(padding)[0, 0, 1, 0] == pytest.approx(float(torch.sin(torch.tensor(2 / (2 + 1e-6) * 2 * torch.pi))), abs=1e-6)
+
+
 def test_semantic_inference_sums_class_probability_times_mask() -> None:
     logits = torch.tensor([[5.0, -5.0, -5.0], [-5.0, 5.0, -5.0]])
     masks = torch.stack([torch.tensor([[10.0, -10.0]]), torch.tensor([[-10.0, 10.0]])])
@@ -227,12 +261,18 @@ def _panoptic_tree(root: Path, layout: str) -> None:
             images.rename(root / f"{split}2017")
             pngs.rename(root / f"panoptic_{split}2017")
             json_file.rename(root / "annotations" / f"panoptic_{split}2017.json")
+            records, classes = load_panoptic_json(root / "annotations" / f"panoptic_{split}2017.json",
+                                                  root / f"{split}2017", root / f"panoptic_{split}2017")
+            instances = root / "annotations" / f"instances_{split}2017.json"
+            instances.write_text(json.dumps(instances_from_panoptic(records, classes)))
         else:
             base = root / "ADEChallengeData2016"
+            folder = "training" if split == "train" else "validation"
             (base / "images").mkdir(parents=True, exist_ok=True)
-            images.rename(base / "images" / ("training" if split == "train" else "validation"))
+            images.rename(base / "images" / folder)
             pngs.rename(base / f"ade20k_panoptic_{split}")
             json_file.rename(base / f"ade20k_panoptic_{split}.json")
+            write_ade_semantic(base, folder, "detectron2")
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)
@@ -285,6 +325,11 @@ def test_config_trains_and_evaluates_a_few_steps(config_name: str, tmp_path: Pat
     metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     panoptic = cli.datamodule.metadata.evaluator_type == "panoptic"
     assert ("test/PQ" in metrics) == panoptic and ("test/PQ_th" in metrics) == panoptic and "test/mIoU" in metrics
+    # box-free mask AP of the instance outputs (INSTANCE_ON), against COCO's instances json when there is one
+    instance_on = cli.model.model.instance_on and panoptic
+    assert ("test/segm_AP" in metrics) == instance_on and "test/AP" not in metrics
+    if instance_on and data_class.endswith("COCOPanopticDataModule"):
+        assert cli.datamodule.instance_ground_truth() == str(tmp_path / "annotations" / "instances_val2017.json")
     predictions = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
     assert len(predictions) >= 1
     assert len(list((tmp_path / "predictions").glob("*.png"))) == 2

@@ -12,7 +12,7 @@ from PIL import Image
 
 from datamodules.ade20k import ADE20KPanopticDataModule, ADE20KSemanticDataModule
 from datamodules.coco_panoptic import PanopticDataModule, load_panoptic_json
-from datamodules.segmentation import IGNORE_LABEL, LabelFileError, build_segmentation_augmentations
+from datamodules.segmentation import IGNORE_LABEL, LabelFileError, PadToSize, build_segmentation_augmentations
 
 
 def _write_ade(root: Path, size: tuple[int, int] = (48, 64), label_size: tuple[int, int] | None = None) -> Path:
@@ -61,8 +61,24 @@ def _write_panoptic(root: Path, extra_png_id: int | None = None) -> tuple[Path, 
     return json_file, images, pngs
 
 
+def write_ade_semantic(base: Path, folder: str, label_format: str) -> None:
+    """Semantic PNGs for the two 40x40 panoptic images under ``base``: class 1 ("sky") on the top 10 rows,
+    class 0 below, unlabelled on row 39 (``annotations_detectron2`` or raw ``annotations`` format)."""
+    target = base / ("annotations_detectron2" if label_format == "detectron2" else "annotations") / folder
+    target.mkdir(parents=True)
+    label = np.zeros((40, 40), np.uint8)
+    label[:10] = 1
+    label[39] = IGNORE_LABEL
+    stored = label if label_format == "detectron2" else (label + 1).astype(np.uint8)  # 255 + 1 -> 0
+    for image_id in (1, 2):
+        Image.fromarray(stored).save(target / f"{image_id}.png")
+
+
 def _panoptic_module(root: Path, **kwargs) -> PanopticDataModule:
-    json_file, images, pngs = _write_panoptic(root, **kwargs)
+    return _module_for(*_write_panoptic(root, **kwargs))
+
+
+def _module_for(json_file: Path, images: Path, pngs: Path) -> PanopticDataModule:
     return PanopticDataModule(
         train_json=str(json_file), train_images=str(images), train_panoptic=str(pngs),
         val_json=str(json_file), val_images=str(images), val_panoptic=str(pngs),
@@ -173,7 +189,8 @@ def test_panoptic_json_with_unknown_category_is_an_error(tmp_path: Path) -> None
         load_panoptic_json(json_file, images, pngs)
 
 
-def test_ade20k_panoptic_layout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("label_format", ["detectron2", "ade", None])
+def test_ade20k_panoptic_layout_scores_miou_on_the_semantic_annotations(tmp_path: Path, label_format: str | None) -> None:
     base = tmp_path / "ADEChallengeData2016"
     for split, folder in (("train", "training"), ("val", "validation")):
         json_file, images, pngs = _write_panoptic(tmp_path / split)
@@ -181,9 +198,79 @@ def test_ade20k_panoptic_layout(tmp_path: Path) -> None:
         images.rename(base / "images" / folder)
         pngs.rename(base / f"ade20k_panoptic_{split}")
         json_file.rename(base / f"ade20k_panoptic_{split}.json")
+        if label_format is not None:
+            write_ade_semantic(base, folder, label_format)
     module = ADE20KPanopticDataModule(root=str(tmp_path), crop_size=32, num_workers=0)
+    if label_format is None:
+        with pytest.raises(FileNotFoundError, match="annotations_detectron2.* nor .*annotations"):
+            module.setup("fit")
+        return
     module.setup("fit")
     assert module.metadata.evaluator_type == "panoptic"
-    assert max(module._datasets["train"][0]["image"].shape[1:]) <= 32  # crops of at most 32 px
-    assert module._datasets["val"][1]["pan_seg_gt"].shape == (40, 40)
+    assert module._datasets["train"][0]["image"].shape[1:] == (32, 32)  # crops padded to the crop size
+    val = module._datasets["val"][1]
+    assert val["pan_seg_gt"].shape == (40, 40)
+    # the semantic annotation, not labels derived from the panoptic PNG (sky there covers 20 rows, not 10)
+    expected = torch.zeros(40, 40, dtype=torch.long)
+    expected[:10] = 1
+    expected[39] = IGNORE_LABEL
+    assert torch.equal(val["sem_seg_gt"], expected)
 
+
+
+def test_ade_recipe_uses_ssd_colour_jitter_and_pads_crops_to_the_crop_size() -> None:
+    from detectron2.data import transforms as T
+    from detectron2.projects.point_rend import ColorAugSSDTransform
+
+    augmentations = build_segmentation_augmentations(True, "ade", crop_size=64, seg_pad_value=IGNORE_LABEL)
+    colour = [a for a in augmentations if isinstance(a, ColorAugSSDTransform)]
+    assert len(colour) == 1 and colour[0].hue_delta == 18 and colour[0].is_rgb  # +-18 of OpenCV's 0-180 hues
+    assert isinstance(augmentations[-1], PadToSize)  # padding comes last, after the flip (bottom/right)
+    image = np.full((40, 50, 3), 7, np.uint8)  # smaller than the crop: padded, as SIZE_DIVISIBILITY does
+    label = np.zeros((40, 50), np.uint8)
+    aug_input = T.AugInput(image, sem_seg=label)
+    PadToSize(64, seg_pad_value=IGNORE_LABEL)(aug_input)
+    assert aug_input.image.shape == (64, 64, 3) and (aug_input.image[40:] == 128).all()
+    assert (aug_input.sem_seg[:, 50:] == IGNORE_LABEL).all() and (aug_input.sem_seg[:40, :50] == 0).all()
+
+
+def test_panoptic_records_keep_json_areas_and_give_instance_ground_truth(tmp_path: Path) -> None:
+    json_file, images, pngs = _write_panoptic(tmp_path)
+    data = json.loads(json_file.read_text())
+    for annotation in data["annotations"]:
+        annotation["segments_info"][0]["area"] = 999  # recorded before things were pasted (ADE20K)
+    json_file.write_text(json.dumps(data))
+    module = _module_for(json_file, images, pngs)
+    module.setup("validate")
+    record = module._datasets["val"][0]
+    assert [s.get("area") for s in record["segments_info"]] == [999, None, None]
+    truth = module.instance_ground_truth()
+    # the box (category 4) and the crowd box, per image; the sky is stuff
+    assert [(a["image_id"], a["category_id"], a["area"], a["iscrowd"]) for a in truth["annotations"]] == [
+        (1, 4, 100.0, 0), (1, 4, 100.0, 1), (2, 4, 100.0, 0), (2, 4, 100.0, 1)]
+    assert truth["categories"] == [{"id": 4, "name": "box"}]
+
+
+def test_instance_ap_of_perfect_masks_against_the_derived_ground_truth(tmp_path: Path) -> None:
+    from detectron2.structures import Boxes, Instances
+
+    from focalnet_pl.evaluation.coco import COCOInstanceEvaluator
+
+    json_file, images, pngs = _write_panoptic(tmp_path)
+    data = json.loads(json_file.read_text())
+    for image, annotation in zip(data["images"], data["annotations"]):  # string ids, as ADE20K's
+        image["id"] = annotation["image_id"] = f"ADE_val_{image['id']}"
+    json_file.write_text(json.dumps(data))
+    module = _module_for(json_file, images, pngs)
+    module.setup("validate")
+    to_dataset = {v: k for k, v in module.metadata.stuff_dataset_id_to_contiguous_id.items()}
+    evaluator = COCOInstanceEvaluator(module.instance_ground_truth(), to_dataset, ("segm",))
+    for record in module._datasets["val"]:
+        instances = Instances((40, 40))
+        instances.pred_masks = record["pan_seg_gt"][None] == 7
+        instances.pred_boxes = Boxes(torch.zeros(1, 4))  # as the official model gives: the AP comes from the masks
+        instances.scores = torch.tensor([0.9])
+        instances.pred_classes = torch.tensor([0])
+        evaluator.process([record], [{"instances": instances}])
+    metrics = evaluator.evaluate()
+    assert metrics["segm_AP"] == pytest.approx(1.0) and "AP" not in metrics  # box-free mask AP only

@@ -1,6 +1,9 @@
-"""PQ/SQ/RQ and mIoU on hand-made cases (arithmetic in the comments), against torchmetrics, and under DDP."""
+"""PQ/SQ/RQ and mIoU on hand-made cases (arithmetic in the comments), against panopticapi's pq_compute and
+detectron2's SemSegEvaluator (golden values in tests/fixtures), against torchmetrics, and under DDP."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,8 +135,10 @@ def test_miou_by_hand() -> None:
     evaluator.update("x", prediction, label)
     result = evaluator.compute()
     # ignored pixel dropped; class 0: tp 1, label 2, pred 1 -> 1 / (2 + 1 - 1) = 1/2
-    # class 1: tp 1, label 2, pred 2 -> 1 / 3; class 2 absent everywhere -> excluded; class 3: 0 / 1 = 0
-    assert result["mIoU"] == pytest.approx(100 * (1 / 2 + 1 / 3 + 0) / 3)
+    # class 1: tp 1, label 2, pred 2 -> 1 / 3; class 2 absent everywhere -> excluded; class 3 is only
+    # predicted, never labelled -> excluded as by detectron2's SemSegEvaluator (its false positive still
+    # counts in the union of class 1, whose pixel it took)
+    assert result["mIoU"] == pytest.approx(100 * (1 / 2 + 1 / 3) / 2)
     assert result["pACC"] == pytest.approx(50.0)  # 2 of 4 counted pixels right
     assert result["mACC"] == pytest.approx(50.0)  # class 0: 1/2, class 1: 1/2
 
@@ -193,3 +198,67 @@ def test_metrics_gather_across_ranks_and_count_each_image_once() -> None:
         assert panoptic["PQ_st"] == pytest.approx(100 * (5 / 6 + 5 / 6 + 1) / 3)
         # semantic: a, b: (0->0, 0->1), c: (0->0, 1->1): class 0: tp 3, label 5, pred 3 -> 3/5; class 1: 1/3
         assert semantic["mIoU"] == pytest.approx(100 * (3 / 5 + 1 / 3) / 2)
+
+
+# ---- against the reference implementations (tests/fixtures, scripts/make_mask2former_fixtures.py) ---------
+METRICS_FIXTURE = Path(__file__).parent / "fixtures" / "segmentation_metrics.pt"
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return torch.load(METRICS_FIXTURE, weights_only=True)
+
+
+def _pq_of_set(reference: dict, style: str, keep_areas: bool = True) -> dict[str, float]:
+    categories = reference["panoptic_categories"]
+    evaluator = PanopticQualityEvaluator(range(len(categories)), [i for i, c in enumerate(categories) if c["isthing"]])
+    for image_id, image in enumerate(reference["panoptic_sets"][style]["images"]):
+        gt_segments = [s if keep_areas else {k: v for k, v in s.items() if k != "area"} for s in image["gt_segments"]]
+        evaluator.update(image_id, image["pred"], image["pred_segments"], image["gt"], gt_segments)
+    return evaluator.compute()
+
+
+@pytest.mark.parametrize("style", ["coco", "ade"])
+def test_pq_equals_panopticapi(reference: dict, style: str) -> None:
+    """COCO-style and ADE-style sets: crowds, void, several crowd segments of one class listed out of id
+    order, and (ADE) json areas taken before things were pasted and listed segments without pixels."""
+    ours = _pq_of_set(reference, style)
+    for suffix, expected in reference["panoptic_sets"][style]["panopticapi"].items():
+        for name in ("pq", "sq", "rq"):
+            assert ours[f"{name.upper()}{suffix}"] == pytest.approx(100 * expected[name], abs=1e-9), (suffix, name)
+        assert ours[f"num_categories{suffix}"] == expected["n"]
+    if style == "ade":  # the json areas matter: counted from the PNG, stuff would score otherwise
+        assert _pq_of_set(reference, style, keep_areas=False)["PQ_st"] != pytest.approx(ours["PQ_st"], abs=1e-6)
+
+
+def test_miou_equals_detectron2(reference: dict) -> None:
+    """A class that is only predicted ("lamp") is no part of the means, as in detectron2's SemSegEvaluator."""
+    semantic = reference["semantic"]
+    evaluator = SemanticSegmentationEvaluator(num_classes=len(semantic["classes"]), class_names=semantic["classes"])
+    for image_id, (label, prediction) in enumerate(zip(semantic["labels"], semantic["predictions"])):
+        evaluator.update(image_id, prediction, label)
+    result = evaluator.compute()
+    for name, expected in semantic["detectron2"].items():
+        assert result[name] == pytest.approx(expected, abs=1e-9), name
+    assert "IoU-lamp" not in result and result["IoU-person"] == 0.0
+
+
+def test_pq_listed_empty_segments_and_crowd_order_by_hand() -> None:
+    gt = np.zeros((4, 8), np.int64)
+    gt[:, :4] = 1  # thing, 16 px
+    gt[:2, 4:] = 2  # crowd of THING, listed first
+    gt[2:, 4:] = 3  # crowd of THING, listed last
+    gt_segments = [
+        {"id": 1, "category_id": THING, "iscrowd": 0},
+        {"id": 9, "category_id": THING, "iscrowd": 0},  # listed, no pixels: a false negative
+        {"id": 2, "category_id": THING, "iscrowd": 1},
+        {"id": 3, "category_id": THING, "iscrowd": 1},
+    ]
+    pred = gt.copy()
+    pred[gt == 2] = 7  # on the first-listed crowd: only the last-listed one is ignored -> false positive
+    pred[gt == 3] = 8  # on the last-listed crowd: ignored
+    pred_segments = [{"id": 1, "category_id": THING}, {"id": 7, "category_id": THING}, {"id": 8, "category_id": THING}]
+    stats = panoptic_image_statistics(pred, pred_segments, gt, gt_segments)
+    assert (stats[THING].tp, stats[THING].fp, stats[THING].fn) == (1, 1, 1)
+    with pytest.raises(ValueError, match=r"predicted segments \[5\] are listed but have no pixels"):
+        panoptic_image_statistics(pred, [*pred_segments, {"id": 5, "category_id": THING}], gt, gt_segments)

@@ -15,7 +15,8 @@ from torchvision.ops import box_convert
 from focalnet_pl.dino.criterion import Prediction, SetCriterion
 from focalnet_pl.dino.denoising import DenoisingQueries, make_denoising_queries
 from focalnet_pl.dino.matcher import HungarianMatcher
-from focalnet_pl.dino.transformer import MLP, DeformableTransformer, PositionEmbeddingSine
+from focalnet_pl.dino.transformer import MLP, DeformableTransformer
+from focalnet_pl.layers import DINOSinePositionEmbedding
 
 __all__ = ["DINO"]
 
@@ -44,7 +45,7 @@ class DINO(nn.Module):
         num_feature_levels: int,
         hidden_dim: int,
         transformer: DeformableTransformer,
-        position_embedding: PositionEmbeddingSine,
+        position_embedding: DINOSinePositionEmbedding,
         criterion: SetCriterion,
         pixel_mean: list[float],
         pixel_std: list[float],
@@ -136,7 +137,7 @@ class DINO(nn.Module):
             "num_feature_levels": node.NUM_FEATURE_LEVELS,
             "hidden_dim": hidden,
             "transformer": transformer,
-            "position_embedding": PositionEmbeddingSine(hidden // 2, temperature=node.PE_TEMPERATURE),
+            "position_embedding": DINOSinePositionEmbedding(hidden // 2, temperature=node.PE_TEMPERATURE),
             "criterion": criterion,
             "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
             "pixel_std": list(cfg.MODEL.PIXEL_STD),

@@ -30,32 +30,6 @@ class MLP(nn.Module):
         return x
 
 
-class PositionEmbeddingSine(nn.Module):
-    """2-D sine/cosine embedding of the (normalised) pixel position of every unpadded location."""
-
-    def __init__(self, num_pos_feats: int, temperature: float = 20.0, scale: float = 2 * math.pi) -> None:
-        super().__init__()
-        self.num_pos_feats = num_pos_feats
-        self.temperature = temperature
-        self.scale = scale
-
-    def forward(self, padding_mask: Tensor) -> Tensor:
-        """``padding_mask (B, H, W)`` True at padding -> ``(B, 2 * num_pos_feats, H, W)``."""
-        valid = (~padding_mask).float()
-        y = valid.cumsum(1)
-        x = valid.cumsum(2)
-        eps = 1e-6
-        y = y / (y[:, -1:, :] + eps) * self.scale
-        x = x / (x[:, :, -1:] + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=padding_mask.device)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
-        pos_x = x[..., None] / dim_t
-        pos_y = y[..., None] / dim_t
-        pos_x = torch.stack([pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()], dim=4).flatten(3)
-        pos_y = torch.stack([pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()], dim=4).flatten(3)
-        return torch.cat([pos_y, pos_x], dim=3).permute(0, 3, 1, 2)
-
-
 def box_sine_embedding(boxes: Tensor, hidden_dim: int, temperature: float = 10000.0) -> Tensor:
     """Sine embedding of normalised ``(cx, cy, w, h)`` boxes ``(..., 4)`` -> ``(..., 2 * hidden_dim)``."""
     feats = hidden_dim // 2

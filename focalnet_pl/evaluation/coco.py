@@ -42,10 +42,16 @@ COCO_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 METRIC_PREFIX: dict[str, str] = {"bbox": "", "segm": "segm_"}
 
 
-def load_coco_gt(json_file: str | Path) -> COCO:
-    """pycocotools ``COCO`` index of a ground-truth json (its progress prints are silenced)."""
+def load_coco_gt(json_file: str | Path | Mapping) -> COCO:
+    """pycocotools ``COCO`` index of a ground-truth json file or of its content as a dict (its progress
+    prints are silenced)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(json_file))
+        if not isinstance(json_file, Mapping):
+            return COCO(str(json_file))
+        coco = COCO()
+        coco.dataset = dict(json_file)
+        coco.createIndex()
+        return coco
 
 
 def box_only_as_ignore_regions(coco_gt: COCO) -> COCO:
@@ -73,7 +79,7 @@ def _box_polygon(bbox: Sequence[float]) -> list[float]:
 
 
 def instances_to_coco_results(
-    instances: Instances, image_id: int, contiguous_to_dataset_id: Mapping[int, int] | None, with_masks: bool
+    instances: Instances, image_id: int | str, contiguous_to_dataset_id: Mapping[int, int] | None, with_masks: bool
 ) -> list[dict]:
     """COCO results entries (``bbox`` as xywh, ``score``, dataset ``category_id`` and, with masks,
     compressed-RLE ``segmentation``) for the predictions of one image."""
@@ -97,7 +103,7 @@ def instances_to_coco_results(
     results = []
     for index in range(len(instances)):
         entry = {
-            "image_id": int(image_id),
+            "image_id": image_id,
             "category_id": int(classes[index]),
             "bbox": [round(float(v), 3) for v in boxes[index]],
             "score": round(float(scores[index]), 5),
@@ -141,25 +147,25 @@ class COCOInstanceEvaluator:
     """Accumulates per-image predictions and scores them against a COCO instances json.
 
     Args:
-        gt_json: ground-truth annotations in COCO instances format.
+        gt_json: ground-truth annotations in COCO instances format (a file, or its content as a dict).
         contiguous_to_dataset_id: model class index -> json ``category_id`` (``None``: identity).
         iou_types: "bbox" and/or "segm".
     """
 
     def __init__(
         self,
-        gt_json: str | Path,
+        gt_json: str | Path | Mapping,
         contiguous_to_dataset_id: Mapping[int, int] | None = None,
         iou_types: Sequence[str] = ("bbox",),
     ) -> None:
         unknown = [t for t in iou_types if t not in METRIC_PREFIX]
         if unknown:
             raise ValueError(f"unsupported COCO IoU types {unknown}; use {list(METRIC_PREFIX)}")
-        self.gt_json = Path(gt_json)
+        self.gt_json = gt_json if isinstance(gt_json, Mapping) else Path(gt_json)
         self.contiguous_to_dataset_id = dict(contiguous_to_dataset_id) if contiguous_to_dataset_id is not None else None
         self.iou_types = tuple(iou_types)
         self._coco_gt: COCO | None = None
-        self._predictions: dict[int, list[dict]] = {}
+        self._predictions: dict[int | str, list[dict]] = {}
 
     @property
     def coco_gt(self) -> COCO:
@@ -175,7 +181,7 @@ class COCOInstanceEvaluator:
         for record, output in zip(inputs, outputs):
             if "image_id" not in record:
                 raise KeyError("COCO evaluation needs an 'image_id' in every input dict")
-            self._predictions[int(record["image_id"])] = instances_to_coco_results(
+            self._predictions[record["image_id"]] = instances_to_coco_results(
                 output["instances"], record["image_id"], self.contiguous_to_dataset_id, "segm" in self.iou_types
             )
 
@@ -192,7 +198,8 @@ class COCOInstanceEvaluator:
             image_ids = sorted(predictions)
             unknown = sorted(set(image_ids) - set(self.coco_gt.getImgIds()))
             if unknown:
-                raise KeyError(f"predicted image ids {unknown[:5]} are not in {self.gt_json}")
+                source = "the given ground-truth dict" if isinstance(self.gt_json, Mapping) else self.gt_json
+                raise KeyError(f"predicted image ids {unknown[:5]} are not in {source}")
             for iou_type in self.iou_types:
                 results = [_for_iou_type(r, iou_type) for image_id in image_ids for r in predictions[image_id]]
                 if output_dir is not None:

@@ -1,10 +1,14 @@
-"""Panoptic quality (PQ, SQ, RQ) with the panopticapi definitions (Kirillov et al., 2019).
+"""Panoptic quality (PQ, SQ, RQ), computed as panopticapi's ``pq_compute`` (Kirillov et al., 2019).
 
 Per image, a predicted and a ground-truth segment match when they have the same category and
-IoU > 0.5, the IoU leaving out the predicted pixels that fall on void (id 0) ground truth. Crowd
-ground-truth segments are never matched nor counted as false negatives; an unmatched prediction
-is not a false positive when more than half of it lies on void or on a crowd region of its own
-category. Categories never seen (no TP, FP or FN over the dataset) are left out of the means.
+IoU > 0.5, the IoU leaving out the predicted pixels that fall on void (id 0) ground truth. As in
+panopticapi: a ground-truth segment's area is the one its annotation records (``area`` in the json,
+which ADE20K's panoptic conversion takes before things are pasted over stuff; pixels are counted
+only when the annotation has no ``area``); every listed non-crowd ground-truth segment that is not
+matched is a false negative, pixels or not; crowd segments are never matched nor false negatives,
+and an unmatched prediction is not a false positive when more than half of it lies on void or on
+the crowd region of its category (the last crowd segment of that category in annotation order).
+Categories never seen (no TP, FP or FN over the dataset) are left out of the means.
 
 Records are kept per image id, so DDP gathering counts each image once.
 """
@@ -63,8 +67,9 @@ def panoptic_image_statistics(
     """Per-category TP/FP/FN/IoU sums for one image.
 
     ``pred_ids``/``gt_ids`` are (H, W) segment-id maps (0 = void / unlabelled); the segment lists hold
-    dicts with ``id`` and ``category_id`` (and ``iscrowd`` for ground truth). A segment id present in a
-    map but missing from its list raises ``ValueError``; listed segments without pixels are ignored.
+    dicts with ``id`` and ``category_id`` (ground truth also ``iscrowd`` and, as in panopticapi json,
+    ``area``). Raises ``ValueError`` for a segment id in a map but not in its list, and for a listed
+    predicted segment without pixels (panopticapi refuses both).
     """
     pred_ids, gt_ids = _as_numpy_ids(pred_ids), _as_numpy_ids(gt_ids)
     if pred_ids.shape != gt_ids.shape:
@@ -72,12 +77,16 @@ def panoptic_image_statistics(
     pred_info = {int(s["id"]): s for s in pred_segments}
     gt_info = {int(s["id"]): s for s in gt_segments}
     pred_area = _segment_areas(pred_ids)
-    gt_area = _segment_areas(gt_ids)
-    for name, areas, info in (("prediction", pred_area, pred_info), ("ground truth", gt_area, gt_info)):
+    gt_pixels = _segment_areas(gt_ids)
+    for name, areas, info in (("prediction", pred_area, pred_info), ("ground truth", gt_pixels, gt_info)):
         unknown = sorted(set(areas) - set(info) - {VOID_ID})
         if unknown:
             raise ValueError(f"{image_name}: {name} segment ids {unknown[:10]} are in the id map but not listed")
     pred_area.pop(VOID_ID, None)
+    empty = sorted(set(pred_info) - set(pred_area))
+    if empty:
+        raise ValueError(f"{image_name}: predicted segments {empty[:10]} are listed but have no pixels")
+    gt_area = {gt_id: int(segment.get("area", gt_pixels.get(gt_id, 0))) for gt_id, segment in gt_info.items()}
 
     pair_ids, pair_counts = np.unique(gt_ids * _OFFSET + pred_ids, return_counts=True)
     intersections = {
@@ -108,13 +117,12 @@ def panoptic_image_statistics(
             matched_pred.add(pred_id)
 
     crowd_id_of_category: dict[int, int] = {}
-    for gt_id in gt_area:
-        if gt_id == VOID_ID:
+    for gt_id, segment in gt_info.items():  # annotation order: the last crowd segment of a category wins
+        if gt_id in matched_gt:
             continue
-        segment = gt_info[gt_id]
         if segment.get("iscrowd", 0):
             crowd_id_of_category[int(segment["category_id"])] = gt_id
-        elif gt_id not in matched_gt:
+        else:
             category(segment["category_id"]).fn += 1
 
     for pred_id, area in pred_area.items():

@@ -2,9 +2,10 @@
 
 Each image contributes a sparse confusion matrix keyed by its image id, so that the duplicates a
 ``DistributedSampler`` adds to even out the shards are counted once when the ranks are gathered.
-The mean IoU follows torchmetrics' ``MulticlassJaccardIndex(average="macro", ignore_index=...)``:
-pixels whose label is ``ignore_index`` are left out, and classes absent from both the labels and
-the predictions of the whole dataset are excluded from the mean.
+The metrics are detectron2's ``SemSegEvaluator``'s: pixels whose label is ``ignore_index`` are left
+out, and the mean IoU and mean accuracy average over the classes present in the ground truth of the
+whole dataset (a class that is only ever predicted counts in no mean; its false positives still
+lower the IoU of the classes whose pixels it takes).
 """
 
 from __future__ import annotations
@@ -21,25 +22,27 @@ __all__ = ["SemanticSegmentationEvaluator", "confusion_matrix_metrics"]
 
 
 def confusion_matrix_metrics(confusion: np.ndarray, class_names: list[str] | None = None) -> dict[str, float]:
-    """mIoU, frequency-weighted IoU, pixel accuracy and mean class accuracy (in %) from a (K, K) matrix.
+    """mIoU, frequency-weighted IoU, pixel accuracy and mean class accuracy (in %) from a (K, K) matrix,
+    as detectron2's ``SemSegEvaluator`` computes them.
 
-    ``confusion[g, p]`` counts pixels labelled ``g`` and predicted ``p``. Per-class IoU entries
-    (``IoU-<name>``) are added when ``class_names`` is given; classes with an empty union are skipped.
+    ``confusion[g, p]`` counts pixels labelled ``g`` and predicted ``p``. Means run over the classes
+    present in the labels. Per-class IoU entries (``IoU-<name>``) are added for those classes when
+    ``class_names`` is given.
     """
     confusion = confusion.astype(np.float64)
     true_positive = np.diag(confusion)
     label_count = confusion.sum(1)
     predicted_count = confusion.sum(0)
     union = label_count + predicted_count - true_positive
-    present = union > 0
+    present = label_count > 0
     iou = np.divide(true_positive, union, out=np.zeros_like(true_positive), where=present)
-    accuracy = np.divide(true_positive, label_count, out=np.zeros_like(true_positive), where=label_count > 0)
-    total = confusion.sum()
+    accuracy = np.divide(true_positive, label_count, out=np.zeros_like(true_positive), where=present)
+    total = label_count.sum()
     metrics = {
         "mIoU": 100.0 * float(iou[present].mean()) if present.any() else 0.0,
         "fwIoU": 100.0 * float((iou * label_count).sum() / total) if total > 0 else 0.0,
         "pACC": 100.0 * float(true_positive.sum() / total) if total > 0 else 0.0,
-        "mACC": 100.0 * float(accuracy[label_count > 0].mean()) if (label_count > 0).any() else 0.0,
+        "mACC": 100.0 * float(accuracy[present].mean()) if present.any() else 0.0,
     }
     if class_names is not None:
         for index, name in enumerate(class_names):

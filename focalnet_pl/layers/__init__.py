@@ -8,12 +8,20 @@ from focalnet_pl.layers.ms_deform_attn import (
     ms_deform_attn_sample_pytorch,
     register_fused_kernel,
 )
+from focalnet_pl.layers.position_encoding import (
+    DINOSinePositionEmbedding,
+    MaskFormerSinePositionEmbedding,
+    sine_embedding,
+)
 
 __all__ = [
+    "DINOSinePositionEmbedding",
     "FusedKernel",
+    "MaskFormerSinePositionEmbedding",
     "MultiScaleDeformableAttention",
     "get_fused_kernel",
     "ms_deform_attn_sample",
     "ms_deform_attn_sample_pytorch",
     "register_fused_kernel",
+    "sine_embedding",
 ]

@@ -53,3 +53,6 @@ def add_mask2former_config(cfg: CN) -> None:
     node.TEST.OBJECT_MASK_THRESHOLD = 0.8
     node.TEST.OVERLAP_THRESHOLD = 0.8
     node.TEST.DETECTIONS_PER_IMAGE = 100
+    # combine class and mask scores after resizing the masks to the output size (implied by panoptic /
+    # instance inference); off: combine at the input size and resize the class scores (official default)
+    node.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False

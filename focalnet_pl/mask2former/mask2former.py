@@ -40,11 +40,12 @@ def panoptic_inference(
     object_mask_threshold: float = 0.8,
     overlap_threshold: float = 0.8,
 ) -> tuple[Tensor, list[dict[str, Any]]]:
-    """Merge confident queries into a non-overlapping segment map.
+    """Merge confident queries into a non-overlapping segment map (the official Mask2Former rule).
 
     Queries whose best class is not "no object" and scores above ``object_mask_threshold`` compete
-    for pixels by ``score * mask probability``; a query keeps its pixels only if they are at least
-    ``overlap_threshold`` of its own (probability >= 0.5) mask. Stuff queries of the same class merge.
+    for pixels by ``score * mask probability``. A query is kept when the pixels it wins (all of them,
+    inside its own mask or not) are at least ``overlap_threshold`` of its own (probability >= 0.5)
+    mask; its segment is the won pixels inside its own mask. Stuff queries of the same class merge.
     Returns an int32 (H, W) map (0 = unassigned) and detectron2-style ``segments_info``.
     """
     num_classes = class_logits.shape[-1] - 1
@@ -60,17 +61,18 @@ def panoptic_inference(
     stuff_segment_of_class: dict[int, int] = {}
     for query in range(probabilities.shape[0]):
         category = int(labels[query])
+        won = winner == query
         own_mask = probabilities[query] >= 0.5
-        won = (winner == query) & own_mask
-        own_area, won_area = int(own_mask.sum()), int(won.sum())
-        if own_area == 0 or won_area == 0 or won_area / own_area < overlap_threshold:
+        segment = won & own_mask
+        won_area, own_area = int(won.sum()), int(own_mask.sum())
+        if won_area == 0 or own_area == 0 or not segment.any() or won_area / own_area < overlap_threshold:
             continue
         is_thing = category in thing_class_ids
         if not is_thing and category in stuff_segment_of_class:
-            segment_map[won] = stuff_segment_of_class[category]
+            segment_map[segment] = stuff_segment_of_class[category]
             continue
         segment_id = len(segments) + 1
-        segment_map[won] = segment_id
+        segment_map[segment] = segment_id
         segments.append({"id": segment_id, "isthing": is_thing, "category_id": category})
         if not is_thing:
             stuff_segment_of_class[category] = segment_id
@@ -126,6 +128,7 @@ class Mask2Former(nn.Module):
         object_mask_threshold: float,
         overlap_threshold: float,
         detections_per_image: int,
+        resize_before_inference: bool = False,
     ) -> None:
         super().__init__()
         if not (semantic_on or instance_on or panoptic_on):
@@ -145,6 +148,9 @@ class Mask2Former(nn.Module):
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
         self.detections_per_image = detections_per_image
+        # resize the mask logits to the output size before combining them (always for panoptic / instance
+        # outputs); otherwise semantic scores are combined at the input size, then resized
+        self.resize_before_inference = resize_before_inference or panoptic_on or instance_on
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
 
@@ -214,6 +220,7 @@ class Mask2Former(nn.Module):
             "object_mask_threshold": node.TEST.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": node.TEST.OVERLAP_THRESHOLD,
             "detections_per_image": node.TEST.DETECTIONS_PER_IMAGE,
+            "resize_before_inference": node.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
         }
 
     @property
@@ -255,12 +262,15 @@ class Mask2Former(nn.Module):
         for class_logits, masks, record, image_size in per_image:
             height = record.get("height", image_size[0])
             width = record.get("width", image_size[1])
-            masks = sem_seg_postprocess(masks, image_size, height, width)
-            class_logits = class_logits.float()
-            masks = masks.float()
+            class_logits, masks = class_logits.float(), masks.float()
+            if self.resize_before_inference:
+                masks = sem_seg_postprocess(masks, image_size, height, width)
             result: dict[str, Any] = {}
             if self.semantic_on:
-                result["sem_seg"] = semantic_inference(class_logits, masks)
+                scores = semantic_inference(class_logits, masks)
+                if not self.resize_before_inference:
+                    scores = sem_seg_postprocess(scores, image_size, height, width)
+                result["sem_seg"] = scores
             if self.panoptic_on:
                 result["panoptic_seg"] = panoptic_inference(
                     class_logits, masks, self.thing_class_ids, self.object_mask_threshold, self.overlap_threshold

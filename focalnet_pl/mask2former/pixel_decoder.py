@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
-from focalnet_pl.layers import MultiScaleDeformableAttention
-from focalnet_pl.mask2former.position_encoding import SinePositionEncoding
+from focalnet_pl.layers import MaskFormerSinePositionEmbedding, MultiScaleDeformableAttention
 
 __all__ = ["MSDeformAttnPixelDecoder", "group_norm"]
 
@@ -90,7 +89,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for projection in self.input_projections:
             nn.init.xavier_uniform_(projection[0].weight, gain=1)
             nn.init.zeros_(projection[0].bias)
-        self.position_encoding = SinePositionEncoding(conv_dim // 2)
+        self.position_encoding = MaskFormerSinePositionEmbedding(conv_dim // 2)
         self.level_embed = nn.Parameter(torch.empty(len(self.transformer_features), conv_dim))
         nn.init.normal_(self.level_embed)
         self.encoder_layers = nn.ModuleList(
@@ -114,7 +113,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.conv_dim = conv_dim
 
     def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Backbone features -> (mask_features, multi-scale maps ordered coarse to fine)."""
+        """Backbone features -> (mask_features, multi-scale maps ordered coarse to fine), always computed
+        in float32 (autocast off, as in the official code: deformable attention is not run in half precision)."""
+        device_type = next(iter(features.values())).device.type
+        with torch.autocast(device_type, enabled=False):
+            return self._forward_float32({name: value.float() for name, value in features.items()})
+
+    def _forward_float32(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         sources, positions, shapes = [], [], []
         for level, (name, projection) in enumerate(zip(self.transformer_features, self.input_projections)):
             projected = projection(features[name])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from focalnet_pl.mask2former.position_encoding import SinePositionEncoding
+from focalnet_pl.layers import MaskFormerSinePositionEmbedding
 
 __all__ = ["MaskedAttentionDecoder"]
 
@@ -74,7 +74,7 @@ class MaskedAttentionDecoder(nn.Module):
         self.num_heads = num_heads
         self.num_layers = num_layers
         self.num_feature_levels = num_feature_levels
-        self.position_encoding = SinePositionEncoding(hidden_dim // 2)
+        self.position_encoding = MaskFormerSinePositionEmbedding(hidden_dim // 2)
         self.cross_attention = nn.ModuleList(_PostNormAttention(hidden_dim, num_heads, dropout) for _ in range(num_layers))
         self.self_attention = nn.ModuleList(_PostNormAttention(hidden_dim, num_heads, dropout) for _ in range(num_layers))
         self.feed_forward = nn.ModuleList(_FeedForward(hidden_dim, ffn_dim, dropout) for _ in range(num_layers))
@@ -105,8 +105,9 @@ class MaskedAttentionDecoder(nn.Module):
         mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(normed), mask_features)
         with torch.no_grad():
             resized = F.interpolate(mask_logits.float(), size=attention_size, mode="bilinear", align_corners=False)
-            # True = position may NOT be attended (outside the predicted mask)
-            blocked = resized.flatten(2) < 0.0  # sigmoid < 0.5
+            # True = position may NOT be attended (outside the predicted mask); sigmoid, not the logit's
+            # sign, decides as in the official code (they differ where sigmoid rounds to 0.5)
+            blocked = resized.flatten(2).sigmoid() < 0.5
             blocked = blocked[:, None].expand(-1, self.num_heads, -1, -1).flatten(0, 1)
         return class_logits, mask_logits, blocked
 

@@ -293,10 +293,14 @@ class DetectionTask(L.LightningModule):
         lr = self.hparams.lr
         backbone_lr = self.hparams.backbone_lr if self.hparams.backbone_lr is not None else lr
         prefixes = [f"{name}." for name, m in model.named_modules() if isinstance(m, (FocalNetBackbone, ResNet))]
-        groups = param_groups(model.named_parameters(), self.hparams.weight_decay, {p: backbone_lr / lr for p in prefixes})
+        groups = self._group_parameters(model, {p: backbone_lr / lr for p in prefixes})
         for group in groups:
             group["lr"] = lr * group["lr_scale"]
         return groups
+
+    def _group_parameters(self, model: nn.Module, lr_scale: dict[str, float]) -> list[dict]:
+        """Weight-decay groups of ``model`` with the given lr scales by name prefix."""
+        return param_groups(model.named_parameters(), self.hparams.weight_decay, lr_scale)
 
     def lr_factor(self, step: int, epoch: int) -> float:
         """Multiplier of the base learning rates at optimizer ``step`` during ``epoch``."""

@@ -1,10 +1,11 @@
 """LightningModule for Mask2Former semantic / panoptic segmentation.
 
 Reuses :class:`~focalnet_pl.tasks.detection.DetectionTask` (detectron2 config dict, model building,
-checkpoint checks, EventStorage training step, AdamW parameter groups with a backbone learning
-rate) and replaces its evaluation (mIoU and PQ/SQ/RQ instead of COCO AP), its schedule (poly decay
-over iterations as in Mask2Former's ADE20K recipes, or step decay by epoch) and its drawings
-(colour panoptic / semantic overlays).
+checkpoint checks, EventStorage training step, AdamW with a backbone learning rate) and replaces its
+weight-decay grouping (Mask2Former's: biases decay, norms and embeddings do not), its evaluation
+(mIoU as detectron2's ``SemSegEvaluator``, PQ/SQ/RQ as panopticapi and, for panoptic models with
+``INSTANCE_ON``, box-free mask AP by pycocotools), its schedule (poly decay over iterations as in
+Mask2Former's ADE20K recipes, or step decay by epoch) and its drawings (colour panoptic / semantic overlays).
 """
 
 from __future__ import annotations
@@ -15,21 +16,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from detectron2.data import Metadata
 from PIL import Image
+from torch import nn
 
 import focalnet_pl.mask2former  # noqa: F401  (registers Mask2Former and its config keys)
+from focalnet_pl.evaluation.coco import COCO_METRIC_NAMES, COCOInstanceEvaluator
 from focalnet_pl.evaluation.gather import gather_unique_by_key
 from focalnet_pl.evaluation.panoptic import PanopticQualityEvaluator
 from focalnet_pl.evaluation.semantic import SemanticSegmentationEvaluator
 from focalnet_pl.mask2former import Mask2Former
+from focalnet_pl.optim import module_type_param_groups
 from focalnet_pl.reliability import NonFiniteAction
+from focalnet_pl.detector_weights import load_detector_weights
 from focalnet_pl.tasks.detection import DetectionTask
 
 __all__ = ["SegmentationTask", "format_segmentation_table"]
 
-_SUMMARY_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st", "mIoU", "fwIoU", "pACC", "mACC")
+_SUMMARY_KEYS = (
+    "PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st", "mIoU", "fwIoU", "pACC", "mACC",
+    *(f"segm_{name}" for name in COCO_METRIC_NAMES),
+)
 
 
 def format_segmentation_table(metrics: dict[str, float], title: str) -> str:
@@ -45,6 +52,9 @@ class SegmentationTask(DetectionTask):
     Args (besides :class:`DetectionTask`'s ``detectron2``, ``lr``, ``backbone_lr``, ``weight_decay``,
     ``lr_decay_epochs``, ``lr_decay_factor``, ``warmup_iters``, ``warmup_factor``, ``predict_output_dir``,
     ``monitor`` (``None``: PQ for panoptic configs, mIoU otherwise) and ``monitor_mode``):
+        weight_decay_norm, weight_decay_embed: weight decay of normalisation layers and of
+            ``nn.Embedding`` tables (detectron2's ``SOLVER.WEIGHT_DECAY_NORM`` / ``WEIGHT_DECAY_EMBED``,
+            0 in every Mask2Former recipe); all other parameters, biases included, get ``weight_decay``.
         lr_schedule: ``poly``: ``(1 - step / max_steps) ** poly_power`` (Mask2Former ADE20K);
             ``step``: multiply by ``lr_decay_factor`` at each of ``lr_decay_epochs`` (COCO).
         max_steps: length of the poly schedule; ``None`` = the trainer's total optimizer steps.
@@ -58,6 +68,8 @@ class SegmentationTask(DetectionTask):
         lr: float = 1e-4,
         backbone_lr: float | None = None,
         weight_decay: float = 0.05,
+        weight_decay_norm: float = 0.0,
+        weight_decay_embed: float = 0.0,
         lr_schedule: Literal["poly", "step"] = "poly",
         max_steps: int | None = None,
         poly_power: float = 0.9,
@@ -87,6 +99,7 @@ class SegmentationTask(DetectionTask):
             raise ValueError(f"lr_schedule must be 'poly' or 'step', got {lr_schedule!r}")
         self._semantic: SemanticSegmentationEvaluator | None = None
         self._panoptic: PanopticQualityEvaluator | None = None
+        self._instances: COCOInstanceEvaluator | None = None
 
     @property
     def monitor_metric(self) -> str:
@@ -125,6 +138,27 @@ class SegmentationTask(DetectionTask):
         elif data_things is not None:
             model.thing_class_ids = set(int(i) for i in data_things)
 
+    def _load_model_weights(self) -> None:
+        """``MODEL.WEIGHTS``: a full Mask2Former checkpoint (official or ours); class rows are chosen by the
+        datamodule's category ids. With ``MODEL.FOCALNET.WEIGHTS`` set the backbone comes from there and the
+        checkpoint's backbone tensors (FocalNet or, from the official releases, Swin / ResNet) are skipped."""
+        metadata = self._datamodule_metadata()
+        class_ids = None
+        if metadata is not None and metadata.get("stuff_dataset_id_to_contiguous_id", None):
+            to_dataset = {v: k for k, v in metadata.stuff_dataset_id_to_contiguous_id.items()}
+            class_ids = [to_dataset[i] for i in range(len(to_dataset))]
+        backbone_elsewhere = bool(self.cfg.MODEL.FOCALNET.WEIGHTS)
+        self.weights_report = load_detector_weights(
+            self._require_model(), self.cfg.MODEL.WEIGHTS, class_ids=class_ids,
+            checkpoint_filter=(lambda key: not key.startswith("backbone.")) if backbone_elsewhere else None,
+        )
+
+    def _group_parameters(self, model: nn.Module, lr_scale: dict[str, float]) -> list[dict]:
+        """Mask2Former's weight-decay rule (see :func:`focalnet_pl.optim.module_type_param_groups`)."""
+        return module_type_param_groups(
+            model, self.hparams.weight_decay, lr_scale, self.hparams.weight_decay_norm, self.hparams.weight_decay_embed
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["segmentation"] = {"thing_class_ids": sorted(self._mask2former().thing_class_ids)}
@@ -158,9 +192,12 @@ class SegmentationTask(DetectionTask):
             raise ValueError("segmentation evaluation needs a datamodule with metadata (ADE20K / panoptic datamodules)")
         names = list(metadata.stuff_classes)
         self._semantic = SemanticSegmentationEvaluator(len(names), 255, names) if model.semantic_on else None
-        self._panoptic = None
+        self._panoptic = self._instances = None
         if model.panoptic_on and metadata.evaluator_type == "panoptic":
             self._panoptic = PanopticQualityEvaluator(range(len(names)), model.thing_class_ids)
+        if model.instance_on and metadata.evaluator_type == "panoptic":
+            to_dataset = {v: k for k, v in metadata.stuff_dataset_id_to_contiguous_id.items()}
+            self._instances = COCOInstanceEvaluator(self._datamodule().instance_ground_truth(), to_dataset, ("segm",))
         if self._semantic is None and self._panoptic is None:
             raise ValueError(
                 f"nothing to evaluate: a {metadata.evaluator_type} dataset needs "
@@ -179,6 +216,8 @@ class SegmentationTask(DetectionTask):
                 self._panoptic.update(
                     record["image_id"], segment_map, segments, record["pan_seg_gt"], record["segments_info"]
                 )
+        if self._instances is not None:
+            self._instances.process(batch, outputs)
 
     def _finish_evaluation(self, stage: str) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -186,6 +225,8 @@ class SegmentationTask(DetectionTask):
             metrics.update(self._panoptic.compute())
         if self._semantic is not None:
             metrics.update(self._semantic.compute())
+        if self._instances is not None:
+            metrics.update(self._instances.evaluate(self._output_dir(), file_prefix=f"{stage}_"))
         summary = {name: value for name, value in metrics.items() if name in _SUMMARY_KEYS}
         self.log_dict({f"{stage}/{name}": value for name, value in summary.items()}, sync_dist=False)
         if self.trainer.is_global_zero:
@@ -194,7 +235,7 @@ class SegmentationTask(DetectionTask):
             out = self._output_dir()
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{stage}_segmentation_metrics.json").write_text(json.dumps(metrics, indent=1))
-        self._semantic = self._panoptic = None
+        self._semantic = self._panoptic = self._instances = None
         return metrics
 
     # ---- prediction ---------------------------------------------------------------------------
