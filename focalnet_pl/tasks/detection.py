@@ -154,11 +154,14 @@ class DetectionTask(L.LightningModule):
         """``MODEL.WEIGHTS``: a full detector checkpoint (official, detrex, mmdetection or ours), class rows
         chosen by the datamodule's category ids (see :func:`focalnet_pl.load_detector_weights`)."""
         metadata = self._data_metadata()
-        class_ids = None
+        class_ids = class_names = None
         if metadata is not None and metadata.get("thing_dataset_id_to_contiguous_id", None):
             to_dataset = {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
             class_ids = [to_dataset[i] for i in range(len(to_dataset))]
-        self.weights_report = load_detector_weights(self._require_model(), self.cfg.MODEL.WEIGHTS, class_ids=class_ids)
+            class_names = list(metadata.get("thing_classes", None) or []) or None
+        self.weights_report = load_detector_weights(
+            self._require_model(), self.cfg.MODEL.WEIGHTS, class_ids=class_ids, class_names=class_names
+        )
 
     def configure_model(self) -> None:
         """Shard with FSDP2 under ``FSDP2Strategy`` (no-op under other strategies, never twice)."""

@@ -1,0 +1,170 @@
+"""Our DINO equals the official FocalNet-DINO number for number.
+
+tests/fixtures/dino_official.pt is written by scripts/make_dino_fixtures.py from the official code: a
+4-scale (FocalNet-L fl3 kind) and a 5-scale (fl4 kind) model with tiny backbones and trained-like
+weights, their checkpoints in the official layout, and their float64 outputs on odd-sized images and
+padded batches of 2. Here the checkpoints go through ``load_detector_weights`` with strict checks,
+and our float64 outputs are compared: class logits and boxes of every decoder layer, the selected
+encoder proposals, and the post-processed top-k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+from detectron2.modeling import build_model
+
+import focalnet_pl.d2  # noqa: F401  (registers the FocalNet backbone)
+import focalnet_pl.dino  # noqa: F401  (registers DINO)
+from focalnet_pl import load_detector_weights
+from focalnet_pl.d2 import build_detectron2_cfg
+from focalnet_pl.detector_weights import SAFE_CHECKPOINT_GLOBALS, read_detector_checkpoint
+from focalnet_pl.weights import CheckpointError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "dino_official.pt"
+TOLERANCE = 1e-6
+COCO_THINGS = [c for c in COCO_CATEGORIES if c["isthing"]]
+COCO_IDS = [c["id"] for c in COCO_THINGS]
+COCO_NAMES = [c["name"] for c in COCO_THINGS]
+
+
+@pytest.fixture(scope="module")
+def official() -> dict:
+    return read_detector_checkpoint(FIXTURE, SAFE_CHECKPOINT_GLOBALS)
+
+
+def dino_config(entry: dict, num_classes: int, **dino) -> dict:
+    """Our config of the fixture's architecture (the official args plus the tiny backbone)."""
+    args, architecture = entry["checkpoint"]["args"], entry["architecture"]
+    in_features = ["res2", "res3", "res4", "res5"][4 - len(args.return_interm_indices):]
+    return {"INPUT": {"FORMAT": "RGB"}, "MODEL": {
+        "META_ARCHITECTURE": "DINO", "DEVICE": "cpu", "BACKBONE": {"NAME": "build_focalnet_backbone"},
+        # the official ToTensor + Normalize in 0-255 units
+        "PIXEL_MEAN": [123.675, 116.28, 103.53], "PIXEL_STD": [58.395, 57.12, 57.375],
+        "FOCALNET": {
+            "VARIANT": f"focalnet_large_fl{args.focal_levels}", "EMBED_DIM": architecture["embed_dim"],
+            "DEPTHS": architecture["depths"], "FOCAL_LEVELS": [args.focal_levels] * 4,
+            "FOCAL_WINDOWS": [args.focal_windows] * 4, "DROP_PATH_RATE": 0.0, "OUT_FEATURES": in_features,
+        },
+        "DINO": {
+            "NUM_CLASSES": num_classes, "IN_FEATURES": in_features, "NUM_FEATURE_LEVELS": args.num_feature_levels,
+            "HIDDEN_DIM": args.hidden_dim, "NHEADS": args.nheads, "ENC_LAYERS": args.enc_layers,
+            "DEC_LAYERS": args.dec_layers, "DIM_FEEDFORWARD": args.dim_feedforward, "ENC_N_POINTS": args.enc_n_points,
+            "DEC_N_POINTS": args.dec_n_points, "NUM_QUERIES": args.num_queries, "NUM_SELECT": args.num_select,
+            "PE_TEMPERATURE": float(args.pe_temperatureH), **dino,
+        },
+    }}
+
+
+def build_dino(entry: dict, num_classes: int, **dino) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(build_detectron2_cfg(dino_config(entry, num_classes, **dino))).double().eval()
+
+
+def inputs_of(case: dict) -> list[dict]:
+    return [{"image": image.double(), "height": int(size[0]), "width": int(size[1])}
+            for image, size in zip(case["images"], case["output_sizes"])]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).abs().max())
+
+
+def assert_matches_official(model: torch.nn.Module, case: dict, columns: list[int] | None = None) -> dict[str, float]:
+    """Every output of ``model`` against the official ones; ``columns``: the official class column of each
+    of our classes (all 91 when None). Returns the largest differences."""
+    inputs = inputs_of(case)
+    with torch.no_grad():
+        out, _ = model.predict(inputs)
+        results = model(inputs)
+    select = (lambda t: t) if columns is None else (lambda t: t[..., columns])
+    diffs = {
+        "logits": max(max_diff(ours, select(theirs)) for ours, theirs in zip(out.logits, case["pred_logits"])),
+        "boxes": max(max_diff(ours, theirs) for ours, theirs in zip(out.boxes, case["pred_boxes"])),
+        "proposal logits": max_diff(out.encoder_logits, select(case["interm_logits"])),
+        "proposal boxes": max_diff(out.encoder_boxes, case["interm_boxes"]),
+    }
+    top = {"scores": 0.0, "boxes": 0.0}
+    for index, result in enumerate(results):
+        instances = result["instances"]
+        labels, scores, boxes = case["labels"][index], case["scores"][index], case["boxes"][index]
+        if columns is not None:  # the official top-k over 91 columns, without the ids that are no class
+            keep = torch.isin(labels, torch.tensor(columns))
+            position = {column: i for i, column in enumerate(columns)}
+            labels = torch.tensor([position[int(label)] for label in labels[keep]], dtype=torch.long)
+            scores, boxes = scores[keep], boxes[keep]
+        count = len(labels)
+        assert instances.image_size == tuple(case["output_sizes"][index].tolist())
+        assert torch.equal(instances.pred_classes[:count], labels)
+        top["scores"] = max(top["scores"], max_diff(instances.scores[:count], scores))
+        # detectron2's Boxes hold float32: compare in units of the output size
+        size = case["output_sizes"][index].flip(0).repeat(2).double()
+        top["boxes"] = max(top["boxes"], max_diff(instances.pred_boxes.tensor[:count].double() / size, boxes / size))
+    diffs.update({f"top-k {k}": v for k, v in top.items()})
+    assert all(value <= TOLERANCE for value in diffs.values()), str(diffs)
+    return diffs
+
+
+@pytest.mark.parametrize("name", ["fl3", "fl4"])
+def test_official_checkpoint_all_91_rows_gives_the_official_outputs(official, name, one_thread):
+    entry = official[name]
+    model = build_dino(entry, num_classes=91)
+    report = load_detector_weights(model, entry["checkpoint"], class_ids=list(range(91)))
+    assert report.layout == "official-dino" and not report.problems() and not report.reinitialised
+    assert set(report.loaded) | set(report.converted) == set(model.state_dict())
+    for case in entry["cases"]:
+        assert_matches_official(model, case)
+
+
+def test_coco_rows_selected_by_category_id(official, one_thread):
+    """Our 80 COCO classes from the official 91-row layout: logits are the official columns of the COCO
+    ids, the top-k the official one without the 11 unused ids."""
+    entry = official["fl3"]
+    model = build_dino(entry, num_classes=80)
+    report = load_detector_weights(model, entry["checkpoint"], class_ids=COCO_IDS, class_names=COCO_NAMES)
+    assert not report.problems() and not report.reinitialised
+    for key in ("transformer.class_head.weight", "transformer.proposal_class_head.bias", "label_embedding.weight"):
+        assert key in report.converted
+    torch.testing.assert_close(model.label_embedding.weight, entry["checkpoint"]["model"]["label_enc.weight"][COCO_IDS].double())
+    for case in entry["cases"][2:]:
+        assert_matches_official(model, case, columns=COCO_IDS)
+
+
+def test_per_layer_heads_take_the_shared_copies(official, one_thread):
+    entry = official["fl3"]
+    model = build_dino(entry, num_classes=91, SHARE_DECODER_HEADS=False)
+    report = load_detector_weights(model, entry["checkpoint"], class_ids=list(range(91)))
+    assert "transformer.class_heads.1.weight" in report.converted
+    assert_matches_official(model, entry["cases"][3])
+
+
+def test_copies_that_differ_and_other_architectures_are_refused(official, tmp_path):
+    entry = official["fl3"]
+    state = dict(entry["checkpoint"]["model"])
+    state["class_embed.1.weight"] = state["class_embed.1.weight"].double() + 1
+    with pytest.raises(CheckpointError, match=r"class head per decoder layer \(class_embed.1.weight.*SHARE_DECODER_HEADS"):
+        load_detector_weights(build_dino(entry, 91), {"model": state})
+    # a 5-scale checkpoint into the 4-scale model, and a wider backbone
+    with pytest.raises(CheckpointError, match=r"feature levels \(MODEL.DINO.NUM_FEATURE_LEVELS\): checkpoint 5, model 4"
+                                             r".*backbone feature maps.*checkpoint 4, model 3.*focal levels.*checkpoint 4, model 3"):
+        load_detector_weights(build_dino(entry, 91), official["fl4"]["checkpoint"])
+    wide_cfg = dino_config(entry, 91)
+    wide_cfg["MODEL"]["FOCALNET"]["EMBED_DIM"] = 16
+    wide = build_model(build_detectron2_cfg(wide_cfg))
+    with pytest.raises(CheckpointError, match=r"backbone width .*: checkpoint 8, model 16"):
+        load_detector_weights(wide, entry["checkpoint"])
+
+
+def test_official_file_with_args_loads_safely(official, tmp_path):
+    """The file as the official main.py writes it (args: argparse.Namespace) is read with weights_only."""
+    entry = official["fl4"]
+    path = tmp_path / "checkpoint0011.pth"
+    torch.save(entry["checkpoint"], path)
+    model = build_dino(entry, num_classes=80)
+    report = load_detector_weights(model, str(path), class_ids=COCO_IDS, class_names=COCO_NAMES)
+    assert report.layout == "official-dino" and not report.problems()
+    torch.testing.assert_close(model.transformer.level_embed, entry["checkpoint"]["model"]["transformer.level_embed"].double())
