@@ -19,7 +19,7 @@ The official CUDA deformable-attention op is not compiled: the official pure-PyT
 
 The fixture holds, per model: ``checkpoint`` (``{"model": state dict in the official layout,
 "args": argparse.Namespace, "epoch": 11}``, as the official ``main.py`` saves it), ``architecture``
-(the tiny sizes) and ``cases`` (single images of odd sizes and a padded batch of 2, uint8 pixels,
+(the tiny sizes), ``init`` (how the official code initialises each tensor) and ``cases`` (single images of odd sizes and a padded batch of 2, uint8 pixels,
 the original sizes asked of the post-processing, and the float64 outputs: class logits and boxes of
 every decoder layer, the selected encoder proposals, and the post-processed top-k). Tensors of equal
 name and shape are shared between the two models so that the file stays small.
@@ -126,6 +126,27 @@ def build_official(official: types.SimpleNamespace, args: argparse.Namespace) ->
     return model
 
 
+def init_statistics(official: types.SimpleNamespace, args: argparse.Namespace) -> dict[str, dict]:
+    """How the official model initialises each tensor (the backbone aside: it comes from a pretrained
+    checkpoint): ``{"constant": c}`` or ``{"value": tensor}`` where the init does not depend on the seed
+    (the same for two seeds), else the ``mean``, ``std`` and ``absmax`` of the seed-0 draw."""
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append(build_official(official, args).state_dict())
+    stats = {}
+    for key, value in states[0].items():
+        if key.startswith("backbone."):
+            continue
+        value = value.double()
+        if torch.equal(value, states[1][key].double()):
+            constant = value.flatten()[0]
+            stats[key] = {"constant": float(constant)} if bool((value == constant).all()) else {"value": value.float()}
+        else:
+            stats[key] = {"mean": float(value.mean()), "std": float(value.std()), "absmax": float(value.abs().max())}
+    return stats
+
+
 @torch.no_grad()
 def perturb(model: torch.nn.Module, generator: torch.Generator) -> None:
     """Trained-like weights: every parameter moved away from its init, then rounded to ``STORAGE_DTYPE`` values."""
@@ -226,6 +247,7 @@ def main() -> None:
     images = [images_for(sizes, image_generator) for sizes in CASES]  # the same images for both models
     for index, name in enumerate(CONFIGS):
         args = official_args(cli.checkout, name)
+        init = init_statistics(official, args)
         torch.manual_seed(SEED + index)
         generator = torch.Generator().manual_seed(SEED + index)
         model = build_official(official, args)
@@ -241,6 +263,7 @@ def main() -> None:
             "architecture": dict(BACKBONE, focal_levels=args.focal_levels, focal_windows=args.focal_windows,
                                  normalize_modulator=args.focal_levels == 4),
             "cases": cases,
+            "init": init,
         }
         worst = max(float(c["pred_logits"][1:].sub(c["pred_logits"][:1]).abs().max()) for c in cases)
         print(f"{name}: {len(state)} tensors, {args.num_feature_levels} levels, {len(cases)} cases; "

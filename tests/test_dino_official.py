@@ -22,6 +22,7 @@ import focalnet_pl.dino  # noqa: F401  (registers DINO)
 from focalnet_pl import load_detector_weights
 from focalnet_pl.d2 import build_detectron2_cfg
 from focalnet_pl.detector_weights import SAFE_CHECKPOINT_GLOBALS, read_detector_checkpoint
+from focalnet_pl.dino.layouts import OfficialDINOLayout
 from focalnet_pl.weights import CheckpointError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dino_official.pt"
@@ -146,7 +147,7 @@ def test_copies_that_differ_and_other_architectures_are_refused(official, tmp_pa
     entry = official["fl3"]
     state = dict(entry["checkpoint"]["model"])
     state["class_embed.1.weight"] = state["class_embed.1.weight"].double() + 1
-    with pytest.raises(CheckpointError, match=r"class head per decoder layer \(class_embed.1.weight.*SHARE_DECODER_HEADS"):
+    with pytest.raises(CheckpointError, match=r"head per decoder layer \(class_embed.1.weight.*SHARE_DECODER_HEADS"):
         load_detector_weights(build_dino(entry, 91), {"model": state})
     # a 5-scale checkpoint into the 4-scale model, and a wider backbone
     with pytest.raises(CheckpointError, match=r"feature levels \(MODEL.DINO.NUM_FEATURE_LEVELS\): checkpoint 5, model 4"
@@ -168,3 +169,30 @@ def test_official_file_with_args_loads_safely(official, tmp_path):
     report = load_detector_weights(model, str(path), class_ids=COCO_IDS, class_names=COCO_NAMES)
     assert report.layout == "official-dino" and not report.problems()
     torch.testing.assert_close(model.transformer.level_embed, entry["checkpoint"]["model"]["transformer.level_embed"].double())
+
+
+@pytest.mark.parametrize("name", ["fl3", "fl4"])
+def test_initialisation_follows_the_official_code(official, name):
+    """Training from scratch starts from the official distributions (``DeformableTransformer._reset_parameters``
+    and the DINO init): seed-independent tensors equal, random ones of the same spread; the backbone aside."""
+    entry = official[name]
+    model = build_dino(entry, num_classes=91)
+    ours = model.state_dict()
+    mapping = OfficialDINOLayout().key_map(list(entry["init"]), len(model.transformer.decoder_layers), True)
+    for key, init in entry["init"].items():
+        value = ours[mapping[key]]
+        if "constant" in init:
+            assert bool((value == init["constant"]).all()), key
+        elif "value" in init:
+            torch.testing.assert_close(value.float(), init["value"], msg=key)
+        else:
+            spread = 3 / value.numel() ** 0.5
+            assert abs(float(value.std()) / init["std"] - 1) < 0.05 + spread, (key, float(value.std()), init)
+            assert abs(float(value.mean()) - init["mean"]) < 2 * spread * init["std"], (key, float(value.mean()), init)
+            assert float(value.abs().max()) < 1.5 * init["absmax"], key
+    assert {mapping[key] for key in entry["init"]} == {key for key in ours if not key.startswith("backbone.")}
+    # the encoder-proposal heads start as copies of the decoder heads (the official deepcopy)
+    for ours_head, theirs in ((model.transformer.proposal_class_head, model.transformer.class_head),
+                              (model.transformer.proposal_box_head, model.transformer.box_head)):
+        for a, b in zip(ours_head.parameters(), theirs.parameters()):
+            assert torch.equal(a, b)

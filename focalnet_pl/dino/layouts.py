@@ -18,7 +18,7 @@ difference named, with the config key to change.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -87,8 +87,8 @@ def _rename(key: str, rules: list[Rule]) -> str | None:
     return None
 
 
-def _count(state: Mapping[str, Tensor], pattern: str) -> int:
-    return len({match.group(1) for key in state if (match := re.match(pattern, key))})
+def _count(keys: Collection[str], pattern: str) -> int:
+    return len({match.group(1) for key in keys if (match := re.match(pattern, key))})
 
 
 def dino_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -170,7 +170,7 @@ class _DINOLayout:
     #: whether the class rows are COCO's 80 in id order (else row = dataset id)
     contiguous_classes: bool
 
-    def rules(self, source: Mapping[str, Tensor]) -> list[Rule]:
+    def rules(self, keys: Collection[str]) -> list[Rule]:
         raise NotImplementedError
 
     def proposal_head_index(self, dec_layers: int) -> int | None:
@@ -181,67 +181,71 @@ class _DINOLayout:
         tensors = _unwrap(checkpoint)
         return "transformer.decoder.ref_point_head.layers.0.weight" in tensors and self.level_embed_key in tensors
 
+    def key_map(self, keys: Collection[str], dec_layers: int, share_heads: bool) -> dict[str, str | None]:
+        """Our name for every checkpoint key (``None``: nothing of ours) in a model with ``dec_layers``
+        decoder layers and shared (or per-layer) heads; several checkpoint keys may map to one of ours."""
+        rules = self.rules(keys)
+        proposal = self.proposal_head_index(dec_layers)
+        mapping: dict[str, str | None] = {}
+        for key in keys:
+            head = _HEAD_KEYS.match(key)
+            if head is None:
+                mapping[key] = _rename(key, rules)
+                continue
+            ours = "class_head" if head.group(1) == "class" else "box_head"
+            index, suffix = int(head.group(2)), head.group(3)
+            if index == proposal:
+                mapping[key] = f"transformer.proposal_{ours}.{suffix}"
+            elif index >= dec_layers:
+                mapping[key] = None
+            else:
+                mapping[key] = f"transformer.{ours}.{suffix}" if share_heads else f"transformer.{ours}s.{index}.{suffix}"
+        return mapping
+
     def convert(self, checkpoint: Mapping[str, Any], model: nn.Module) -> ConvertedState:
         transformer = getattr(model, "transformer", None)
         if not hasattr(transformer, "layer_heads"):
             raise CheckpointError(f"{self.name} checkpoint: the model is a {type(model).__name__}, not a DINO "
                                   "(MODEL.META_ARCHITECTURE: DINO)")
         source = {k: v for k, v in _unwrap(checkpoint).items() if isinstance(v, Tensor)}
+        dec_layers = len(transformer.decoder_layers)
+        self._check_head_count(source, dec_layers)
         target = model.state_dict()
-        rules = self.rules(source)
         state = ConvertedState(tensors={})
-        heads: dict[tuple[str, int], list[tuple[str, str, Tensor]]] = {}
-        for key, value in source.items():
-            head = _HEAD_KEYS.match(key)
-            if head:
-                heads.setdefault((head.group(1), int(head.group(2))), []).append((key, head.group(3), value))
-                continue
-            ours = _rename(key, rules)
+        for key, ours in self.key_map(source, dec_layers, transformer.share_heads).items():
+            value = source[key]
             if ours is None:
                 state.unexpected.append(key)
                 continue
             if ours.endswith(".modulation.h.weight") and ours in target and value.numel() == target[ours].numel():
                 value = value.reshape(target[ours].shape)  # the official 1x1 conv is our linear layer
-            self._put(state, ours, key, value)
-        self._convert_heads(heads, len(transformer.decoder_layers), transformer.share_heads, state)
+            first = state.tensors.get(ours)
+            if first is not None and not _same(first, value):
+                if _HEAD_KEYS.match(key) and transformer.share_heads:
+                    raise CheckpointError(
+                        f"{self.name} DINO checkpoint has a head per decoder layer ({key} differs from layer 0's): "
+                        "build the model with MODEL.DINO.SHARE_DECODER_HEADS: false"
+                    )
+                raise CheckpointError(f"{self.name} DINO checkpoint: {key} should be a copy of the tensor already "
+                                      f"loaded as {ours}, but differs from it")
+            state.tensors[ours] = value
+            state.converted.add(ours)
         check_architecture(self.name, state.tensors, model)
         for key, value in state.tensors.items():
             if _CLASS_KEYS.match(key):
-                rows = coco_class_rows(value.shape[0], self.contiguous_classes)
-                state.class_rows[key] = rows or ClassRows()
+                state.class_rows[key] = coco_class_rows(value.shape[0], self.contiguous_classes) or ClassRows()
         return state
 
-    def _put(self, state: ConvertedState, ours: str, key: str, value: Tensor) -> None:
-        """Add ``value`` as our ``ours``; a second copy must equal the first."""
-        first = state.tensors.get(ours)
-        if first is not None and not _same(first, value):
-            raise CheckpointError(f"{self.name} DINO checkpoint: {key} should be a copy of the tensor already "
-                                  f"loaded as {ours}, but differs from it")
-        state.tensors[ours] = value
-        state.converted.add(ours)
-
-    def _convert_heads(self, heads: dict[tuple[str, int], list[tuple[str, str, Tensor]]], dec_layers: int,
-                       shared: bool, state: ConvertedState) -> None:
-        """Per-layer copies -> our shared head (all copies must be equal) or one head per layer."""
+    def _check_head_count(self, source: Collection[str], dec_layers: int) -> None:
         proposal = self.proposal_head_index(dec_layers)
-        for kind, ours in (("class", "class_head"), ("bbox", "box_head")):
-            layers = sorted(index for k, index in heads if k == kind and index != proposal)
+        for kind in ("class", "bbox"):
+            layers = sorted({int(m.group(2)) for key in source if (m := _HEAD_KEYS.match(key)) and m.group(1) == kind}
+                            - {proposal})
             if layers and layers != list(range(dec_layers)):
                 raise CheckpointError(
-                    f"{self.name} DINO checkpoint has {kind}_embed heads {layers}, the model has {dec_layers} decoder "
-                    f"layers (MODEL.DINO.DEC_LAYERS)"
+                    f"{self.name} DINO checkpoint has {kind}_embed heads for decoder layers {layers}, the model has "
+                    f"{dec_layers} (MODEL.DINO.DEC_LAYERS)"
                 )
-            for index in layers:
-                for key, suffix, value in heads[(kind, index)]:
-                    name = f"transformer.{ours}.{suffix}" if shared else f"transformer.{ours}s.{index}.{suffix}"
-                    if shared and name in state.tensors and not _same(state.tensors[name], value):
-                        raise CheckpointError(
-                            f"{self.name} DINO checkpoint has a {kind} head per decoder layer ({key} differs from "
-                            f"layer 0's): build the model with MODEL.DINO.SHARE_DECODER_HEADS: false"
-                        )
-                    self._put(state, name, key, value)
-            for key, suffix, value in heads.get((kind, proposal), []):
-                self._put(state, f"transformer.proposal_{ours}.{suffix}", key, value)
 
 
 class OfficialDINOLayout(_DINOLayout):
@@ -251,7 +255,7 @@ class OfficialDINOLayout(_DINOLayout):
     level_embed_key = "transformer.level_embed"
     contiguous_classes = False
 
-    def rules(self, source: Mapping[str, Tensor]) -> list[Rule]:
+    def rules(self, keys: Collection[str]) -> list[Rule]:
         return _OFFICIAL_RULES
 
 
@@ -262,9 +266,9 @@ class DetrexDINOLayout(_DINOLayout):
     level_embed_key = "transformer.level_embeds"
     contiguous_classes = True
 
-    def rules(self, source: Mapping[str, Tensor]) -> list[Rule]:
+    def rules(self, keys: Collection[str]) -> list[Rule]:
         # the extra stride-2 levels follow the backbone levels: neck.extra_convs.J -> input_proj.{levels + J}
-        levels = _count(source, r"^neck\.convs\.(\d+)\.")
+        levels = _count(keys, r"^neck\.convs\.(\d+)\.")
         extra: Rule = (r"^neck\.extra_convs\.(\d+)\.(conv|norm)\.",
                        lambda m: f"input_proj.{levels + int(m.group(1))}.{int(m.group(2) == 'norm')}.")
         return [extra] + _DETREX_RULES
