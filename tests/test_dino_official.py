@@ -10,6 +10,7 @@ encoder proposals, and the post-processed top-k.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,52 @@ def test_initialisation_follows_the_official_code(official, name):
                               (model.transformer.proposal_box_head, model.transformer.box_head)):
         for a, b in zip(ours_head.parameters(), theirs.parameters()):
             assert torch.equal(a, b)
+
+
+def cli_model_overrides(entry: dict, weights: Path) -> dict:
+    """The fixture's architecture and its checkpoint as ``MODEL.WEIGHTS`` (the classes come from the data)."""
+    model = dino_config(entry, num_classes=0)["MODEL"]
+    del model["DINO"]["NUM_CLASSES"]
+    return dict(model, WEIGHTS=str(weights))
+
+
+def test_released_checkpoint_evaluates_via_cli(official, make_coco_dataset, small_cli_config, tmp_path, one_thread):
+    """``cli.py test`` with the released model's evaluation config and an official-layout ``MODEL.WEIGHTS``:
+    the file is read safely, its COCO rows picked by the dataset's category ids, and evaluated."""
+    from focalnet_pl.cli import FocalNetCLI
+
+    entry = official["fl4"]
+    weights = tmp_path / "focalnet_large_fl4_o365_finetuned_on_coco.pth"
+    torch.save(entry["checkpoint"], weights)
+    coco = make_coco_dataset([(1, "person"), (3, "car")])
+    config = small_cli_config("dino_focalnet_l_o365_coco_eval", coco, cli_model_overrides(entry, weights))
+    cli = FocalNetCLI(args=["test", "--config", str(config)])
+    report = cli.model.weights_report
+    assert report.layout == "official-dino" and not report.problems() and not report.reinitialised
+    head = cli.model.model.transformer.class_head.weight
+    torch.testing.assert_close(head, entry["checkpoint"]["model"]["class_embed.0.weight"][[1, 3]].float())
+    detections = json.loads(next(tmp_path.rglob("test_*.json")).read_text())
+    assert detections and {d["category_id"] for d in detections} <= {1, 3}
+
+
+def test_finetuning_a_released_checkpoint_on_other_classes(official, make_coco_dataset, small_cli_config, tmp_path,
+                                                           one_thread):
+    """``cli.py fit`` on a 5-class dataset from an official-layout checkpoint: the class tensors start fresh
+    (the report says which and why), everything else is loaded."""
+    from focalnet_pl.cli import FocalNetCLI
+
+    entry = official["fl3"]
+    weights = tmp_path / "checkpoint0011.pth"
+    torch.save(entry["checkpoint"], weights)
+    coco = make_coco_dataset([(1, "cat"), (2, "dog"), (3, "fox"), (4, "owl"), (5, "yak")])
+    config = small_cli_config("dino_focalnet_l_fl3", coco, cli_model_overrides(entry, weights))
+    cli = FocalNetCLI(args=["fit", "--config", str(config)])
+    report = cli.model.weights_report
+    class_keys = {"transformer.class_head.weight", "transformer.class_head.bias", "transformer.proposal_class_head.weight",
+                  "transformer.proposal_class_head.bias", "label_embedding.weight"}
+    assert {entry.split(":")[0] for entry in report.reinitialised} == class_keys
+    assert all("id 1 is 'cat' in the dataset, 'person' in the checkpoint" in entry for entry in report.reinitialised)
+    assert not report.problems()
+    assert set(report.loaded) | set(report.converted) == set(cli.model.model.state_dict()) - class_keys
+    assert cli.model.model.transformer.class_head.weight.shape[0] == 5
+    assert sorted(tmp_path.rglob("val_*.json")), "no validation after fine-tuning"

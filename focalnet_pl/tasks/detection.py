@@ -55,7 +55,10 @@ class DetectionTask(L.LightningModule):
             The number of classes comes from the datamodule when the dict does not set it.
         lr: AdamW learning rate of everything but the backbone.
         backbone_lr: learning rate of the (FocalNet / ResNet) backbone; ``None`` = ``lr``.
-        weight_decay: AdamW weight decay (not applied to norms, biases, layer scale, position embeddings).
+        weight_decay: AdamW weight decay (not applied to norms, biases, layer scale, position embeddings
+            unless ``weight_decay_all``).
+        weight_decay_all: weight decay on every parameter, norms and biases included (the official DINO
+            optimizer, ``param_dict_type='default'``).
         lr_decay_epochs: epochs (0-based) from which the learning rate is multiplied by another
             ``lr_decay_factor`` (mmdetection's ``step``).
         warmup_iters: linear warmup from ``warmup_factor * lr`` over this many optimizer steps.
@@ -73,6 +76,7 @@ class DetectionTask(L.LightningModule):
         lr: float = 1e-4,
         backbone_lr: float | None = None,
         weight_decay: float = 0.05,
+        weight_decay_all: bool = False,
         lr_decay_epochs: Sequence[int] = (),
         lr_decay_factor: float = 0.1,
         warmup_iters: int = 0,
@@ -255,7 +259,8 @@ class DetectionTask(L.LightningModule):
         lr = self.hparams.lr
         backbone_lr = self.hparams.backbone_lr if self.hparams.backbone_lr is not None else lr
         prefixes = [f"{name}." for name, m in model.named_modules() if isinstance(m, (FocalNetBackbone, ResNet))]
-        groups = param_groups(model.named_parameters(), self.hparams.weight_decay, {p: backbone_lr / lr for p in prefixes})
+        groups = param_groups(model.named_parameters(), self.hparams.weight_decay, {p: backbone_lr / lr for p in prefixes},
+                              decay_all=self.hparams.weight_decay_all)
         for group in groups:
             group["lr"] = lr * group["lr_scale"]
         return groups
