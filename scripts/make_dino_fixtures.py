@@ -1,9 +1,10 @@
 """Golden DINO outputs from the official FocalNet-DINO code, for tests/test_dino_official.py.
 
-Usage (the official code is read from a checkout given on the command line, never copied here)::
+Usage (the official code is read from checkouts given on the command line, never copied here)::
 
     git --git-dir=/path/to/FocalNet-DINO.git archive HEAD | tar -x -C /tmp/FocalNet-DINO
-    python scripts/make_dino_fixtures.py /tmp/FocalNet-DINO [--output tests/fixtures/dino_official.pt]
+    git --git-dir=/path/to/detrex.git archive HEAD | tar -x -C /tmp/detrex
+    python scripts/make_dino_fixtures.py /tmp/FocalNet-DINO --detrex /tmp/detrex [--output tests/fixtures/dino_official.pt]
 
 For the 4-scale FocalNet-L fl3 config (``DINO_4scale_focalnet_large_fl3.py``) and the 5-scale fl4
 config (``DINO_5scale_focalnet_large_fl4.py``) this builds the official model with the config's
@@ -23,12 +24,21 @@ The fixture holds, per model: ``checkpoint`` (``{"model": state dict in the offi
 the original sizes asked of the post-processing, and the float64 outputs: class logits and boxes of
 every decoder layer, the selected encoder proposals, and the post-processed top-k). Tensors of equal
 name and shape are shared between the two models so that the file stays small.
+
+With ``--detrex``, a ``detrex`` entry holds the same for detrex's DINO (``projects/dino``, the
+FocalNet-L fl3 config: per-layer heads, position embedding offset -0.5 and temperature 10000, 80
+contiguous COCO classes, 4 sampling points) built with the 4-scale model's weights (most tensors are
+the same ones), per-layer heads made to differ, its own deformable-attention offsets; on single
+images only (detrex evaluates padded batches without a padding mask) and without the post-processing
+(detrex clips boxes to the image). detrex's compiled op is not needed: on CPU it runs its own
+PyTorch implementation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import runpy
 import sys
 import types
@@ -57,6 +67,7 @@ BACKBONE = {"embed_dim": 8, "depths": [1, 1, 1, 1]}
 #: (zero memory, infinite boxes) are selected as queries
 CASES = [[(97, 123)], [(75, 61)], [(83, 110), (101, 71)], [(90, 77), (19, 23)]]
 SEED = 20240612
+PROJECT = Path(__file__).resolve().parents[1]
 #: the checkpoint's dtype: weights are rounded to its values (8-bit floats keep the file small; the
 #: float64 models compute with exactly these values)
 STORAGE_DTYPE = torch.float8_e4m3fn
@@ -235,10 +246,125 @@ def run_case(model: torch.nn.Module, images: list[torch.Tensor]) -> dict:
     }
 
 
+def import_detrex(checkout: Path) -> types.SimpleNamespace:
+    """detrex's DINO modules. Its compiled ops and the packages only other parts of detrex use (wandb,
+    einops for EVA backbones, fairscale's checkpoint wrapper, an identity here: evaluation does not
+    checkpoint) are stubbed; on CPU detrex runs its own PyTorch deformable attention."""
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("stubbed for the fixture: not used by detrex's DINO in evaluation")
+
+    for name in ("detrex._C", "wandb", "einops", "fairscale", "fairscale.nn", "fairscale.nn.checkpoint"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["einops"].rearrange = sys.modules["einops"].repeat = unavailable
+    sys.modules["fairscale.nn.checkpoint"].checkpoint_wrapper = lambda module: module
+    sys.path[:0] = [str(checkout), str(checkout / "projects")]
+    from detrex.layers import PositionEmbeddingSine
+    from detrex.modeling import ChannelMapper, HungarianMatcher
+    from detrex.modeling.backbone import FocalNet
+    from dino.modeling import DINO, DINOCriterion, DINOTransformer, DINOTransformerDecoder, DINOTransformerEncoder
+
+    return types.SimpleNamespace(**locals())
+
+
+def build_detrex(detrex: types.SimpleNamespace, args: argparse.Namespace) -> torch.nn.Module:
+    """detrex's ``dino_focalnet_large_lrf_384_4scale_12ep`` model (``configs/models/dino_r50.py`` +
+    ``dino_focalnet.py``) with the tiny sizes of the official 4-scale fixture model."""
+    from detectron2.layers import ShapeSpec
+
+    levels = args.return_interm_indices
+    backbone = detrex.FocalNet(
+        embed_dim=BACKBONE["embed_dim"], depths=BACKBONE["depths"], focal_levels=[args.focal_levels] * 4,
+        focal_windows=[args.focal_windows] * 4, use_conv_embed=True, use_postln=True, use_postln_in_modulation=False,
+        use_layerscale=True, normalize_modulator=False, out_indices=tuple(levels), drop_path_rate=0.0,
+    )
+    neck = detrex.ChannelMapper(
+        input_shapes={f"p{i}": ShapeSpec(channels=BACKBONE["embed_dim"] * 2**i) for i in levels},
+        in_features=[f"p{i}" for i in levels], out_channels=args.hidden_dim, num_outs=args.num_feature_levels,
+        kernel_size=1, norm_layer=torch.nn.GroupNorm(num_groups=32, num_channels=args.hidden_dim),
+    )
+    sizes = {"embed_dim": args.hidden_dim, "num_heads": args.nheads, "feedforward_dim": args.dim_feedforward,
+             "attn_dropout": 0.0, "ffn_dropout": 0.0, "num_feature_levels": args.num_feature_levels}
+    transformer = detrex.DINOTransformer(
+        encoder=detrex.DINOTransformerEncoder(num_layers=args.enc_layers, post_norm=False, **sizes),
+        decoder=detrex.DINOTransformerDecoder(num_layers=args.dec_layers, return_intermediate=True, **sizes),
+        num_feature_levels=args.num_feature_levels, two_stage_num_proposals=args.num_queries,
+    )
+    matcher = detrex.HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, cost_class_type="focal_loss_cost")
+    criterion = detrex.DINOCriterion(num_classes=80, matcher=matcher, weight_dict={"loss_class": 1, "loss_bbox": 5.0,
+                                                                                  "loss_giou": 2.0})
+    model = detrex.DINO(
+        backbone=backbone,
+        position_embedding=detrex.PositionEmbeddingSine(num_pos_feats=args.hidden_dim // 2, temperature=10000,
+                                                        normalize=True, offset=-0.5),
+        neck=neck, transformer=transformer, embed_dim=args.hidden_dim, num_classes=80, num_queries=args.num_queries,
+        criterion=criterion, aux_loss=True, select_box_nums_for_evaluation=args.num_select, device="cpu",
+        dn_number=args.dn_number, label_noise_ratio=args.dn_label_noise_ratio, box_noise_scale=1.0,
+    )
+    # the normaliser in the model's dtype (detrex keeps float32 constants in a lambda)
+    mean = torch.tensor([123.675, 116.28, 103.53], dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375], dtype=torch.float64).view(3, 1, 1)
+    model.normalizer = lambda x: (x - mean) / std
+    return model
+
+
+@torch.no_grad()
+def detrex_state_dict(model: torch.nn.Module, official_state: dict[str, torch.Tensor], coco_ids: list[int],
+                      generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """detrex weights from the official 4-scale fixture model: the same tensor wherever the two hold the same
+    parameter (found through both layouts' mappings to our names), COCO's 80 rows of the class tensors,
+    per-layer heads made to differ (their last layers), and detrex's own tensors where shapes differ
+    (4 sampling points) perturbed like the official ones."""
+    sys.path.insert(0, str(PROJECT))  # this checkout's focalnet_pl
+    from focalnet_pl.dino.layouts import DetrexDINOLayout, OfficialDINOLayout
+
+    dec_layers = len(model.transformer.decoder.layers)
+    official_to_ours = OfficialDINOLayout().key_map(list(official_state), dec_layers, share_heads=False)
+    by_ours = {ours: official_state[key] for key, ours in official_to_ours.items() if ours is not None}
+    detrex_to_ours = DetrexDINOLayout().key_map(list(model.state_dict()), dec_layers, share_heads=False)
+    state, by_storage = {}, {}
+    for key, value in model.state_dict().items():
+        tie = (value.data_ptr(), tuple(value.shape))
+        if tie in by_storage:
+            state[key] = by_storage[tie]
+            continue
+        ours = detrex_to_ours[key]
+        source = by_ours.get(ours)
+        if source is not None and re.search(r"class_head|label_embedding", ours):
+            source = source[coco_ids].clone()
+        if source is None or source.shape != value.shape:
+            noise = torch.randn(value.shape, generator=generator, dtype=torch.float64)
+            source = (value.double() + 0.5 * max(float(value.double().std()), 0.02) * noise).to(STORAGE_DTYPE)
+        if re.match(r"(transformer\.decoder\.)?(class_embed\.\d+\.|bbox_embed\.\d+\.layers\.2\.)", key):
+            noise = 0.2 * torch.randn(value.shape, generator=generator, dtype=torch.float64)
+            source = (source.double() + noise).to(STORAGE_DTYPE)  # each layer's head its own
+        by_storage[tie] = state[key] = source
+    return state
+
+
+@torch.no_grad()
+def run_detrex_case(model: torch.nn.Module, images: list[torch.Tensor]) -> dict:
+    """detrex's per-layer outputs (captured from its aux-loss stacking) and selected encoder proposals."""
+    captured = {}
+    model._set_aux_loss = lambda classes, coords: captured.update(logits=classes, boxes=coords) or []
+    handle = model.transformer.register_forward_hook(lambda module, inputs, output: captured.update(encoder=output[3:]))
+    model([{"image": image.to(torch.float64), "height": image.shape[1], "width": image.shape[2]} for image in images])
+    handle.remove()
+    enc_state, enc_boxes = captured["encoder"]
+    return {
+        "images": images,
+        "pred_logits": captured["logits"],
+        "pred_boxes": captured["boxes"],
+        "interm_logits": model.transformer.decoder.class_embed[-1](enc_state),
+        "interm_boxes": enc_boxes,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkout", type=Path, help="a checkout of the official FocalNet-DINO repository")
-    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/dino_official.pt")
+    parser.add_argument("--detrex", type=Path, help="a checkout of detrex (adds the detrex-layout fixture)")
+    parser.add_argument("--output", type=Path, default=PROJECT / "tests/fixtures/dino_official.pt")
     cli = parser.parse_args()
     official = import_official(cli.checkout.resolve())
     fixture: dict = {}
@@ -268,6 +394,23 @@ def main() -> None:
         worst = max(float(c["pred_logits"][1:].sub(c["pred_logits"][:1]).abs().max()) for c in cases)
         print(f"{name}: {len(state)} tensors, {args.num_feature_levels} levels, {len(cases)} cases; "
               f"decoder layers differ by up to {worst:.3f} in logits")
+    if cli.detrex is not None:
+        detrex = import_detrex(cli.detrex.resolve())
+        args = fixture["fl3"]["checkpoint"]["args"]
+        torch.manual_seed(SEED + len(CONFIGS))
+        model = build_detrex(detrex, args)
+        coco_ids = sorted(int(i) for i in json.loads((cli.checkout / "util/coco_id2name.json").read_text()))
+        state = detrex_state_dict(model, fixture["fl3"]["checkpoint"]["model"], coco_ids,
+                                  torch.Generator().manual_seed(SEED + len(CONFIGS)))
+        model.double().eval()
+        model.load_state_dict({k: v.double() for k, v in state.items()})
+        fixture["detrex"] = {
+            "checkpoint": {"model": state, "iteration": 89999},
+            "architecture": fixture["fl3"]["architecture"],
+            "args": args,
+            "cases": [run_detrex_case(model, case_images) for case_images in images if len(case_images) == 1],
+        }
+        print(f"detrex: {len(state)} tensors, {len(fixture['detrex']['cases'])} cases")
     cli.output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(fixture, cli.output)
     print(f"wrote {cli.output} ({cli.output.stat().st_size / 1e6:.2f} MB)")

@@ -246,3 +246,27 @@ def test_finetuning_a_released_checkpoint_on_other_classes(official, make_coco_d
     assert set(report.loaded) | set(report.converted) == set(cli.model.model.state_dict()) - class_keys
     assert cli.model.model.transformer.class_head.weight.shape[0] == 5
     assert sorted(tmp_path.rglob("val_*.json")), "no validation after fine-tuning"
+
+
+def test_detrex_checkpoint_gives_the_detrex_outputs(official, one_thread):
+    """A detrex DINO checkpoint (FocalNet-L fl3 config, tiny) in a model configured as detrex's: one head per
+    decoder layer, position embedding offset -0.5 and temperature 10000, 4 sampling points, COCO's 80
+    classes in id order; detrex's outputs of every decoder layer and its selected proposals, on single images."""
+    entry = official["detrex"]
+    model = build_dino(official["fl3"], num_classes=80, SHARE_DECODER_HEADS=False, PE_TEMPERATURE=10000.0,
+                       PE_OFFSET=-0.5, ENC_N_POINTS=4, DEC_N_POINTS=4)
+    report = load_detector_weights(model, entry["checkpoint"], class_ids=COCO_IDS, class_names=COCO_NAMES)
+    assert report.layout == "detrex-dino" and not report.problems() and not report.reinitialised
+    assert set(report.converted) == set(model.state_dict())
+    heads = [model.transformer.class_heads[i].weight for i in range(2)] + [model.transformer.proposal_class_head.weight]
+    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
+    for case in entry["cases"]:
+        with torch.no_grad():
+            out, _ = model.predict([{"image": image.double()} for image in case["images"]])
+        diffs = {
+            "logits": max(max_diff(ours, theirs) for ours, theirs in zip(out.logits, case["pred_logits"])),
+            "boxes": max(max_diff(ours, theirs) for ours, theirs in zip(out.boxes, case["pred_boxes"])),
+            "proposal logits": max_diff(out.encoder_logits, case["interm_logits"]),
+            "proposal boxes": max_diff(out.encoder_boxes, case["interm_boxes"]),
+        }
+        assert all(value <= TOLERANCE for value in diffs.values()), str(diffs)
