@@ -4,10 +4,11 @@
   (``{"model": ..., "args": argparse.Namespace, ...}``; ``backbone.0.*``, ``input_proj.*``,
   ``transformer.*``, ``label_enc``, the shared ``class_embed.N`` / ``bbox_embed.N`` copies, the
   FocalNet's 1x1-conv ``modulation.h``). Its class rows are dataset ids (``num_classes`` = largest
-  id + 1: COCO's 91-row layout, whose rows are selected by category id).
+  id + 1): 91 rows are COCO's, selected by the dataset's category ids and names; with another row
+  count the dataset is unknown, and the class tensors load only into a model with as many classes.
 * ``detrex-dino``: detrex DINO checkpoints (``{"model": ...}`` from detectron2's ``Checkpointer``;
   ``neck.convs.*``, ``transformer.encoder.layers.N.attentions.0``, one class / box head per decoder
-  layer plus one for the encoder proposals, contiguous class rows: COCO's 80 in id order). They need
+  layer plus one for the encoder proposals, contiguous class rows: 80 are COCO's in id order). They need
   ``MODEL.DINO.SHARE_DECODER_HEADS: false``, ``PE_TEMPERATURE: 10000`` and ``PE_OFFSET: -0.5``.
 
 Both convert to our names and check the architecture first: a checkpoint with other feature levels,
@@ -48,13 +49,10 @@ _OFFICIAL_RULES: list[Rule] = _COMMON_RULES + [
     (r"^input_proj\.", "input_proj."),
     (r"^transformer\.enc_out_class_embed\.", "transformer.proposal_class_head."),
     (r"^transformer\.enc_out_bbox_embed\.", "transformer.proposal_box_head."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"transformer.encoder_layers.\1.self_attn."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.linear1\.", r"transformer.encoder_layers.\1.ffn.0."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.linear2\.", r"transformer.encoder_layers.\1.ffn.3."),
+    (r"^transformer\.(en|de)coder\.layers\.(\d+)\.(self_attn|cross_attn)\.", r"transformer.\1coder_layers.\2.\3."),
+    (r"^transformer\.(en|de)coder\.layers\.(\d+)\.linear1\.", r"transformer.\1coder_layers.\2.ffn.0."),
+    (r"^transformer\.(en|de)coder\.layers\.(\d+)\.linear2\.", r"transformer.\1coder_layers.\2.ffn.3."),
     (r"^transformer\.encoder\.layers\.(\d+)\.norm([12])\.", r"transformer.encoder_layers.\1.norm\2."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.(self_attn|cross_attn)\.", r"transformer.decoder_layers.\1.\2."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.linear1\.", r"transformer.decoder_layers.\1.ffn.0."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.linear2\.", r"transformer.decoder_layers.\1.ffn.3."),
     # official decoder layers are cross-attention (norm1), self-attention (norm2), FFN (norm3); ours
     # name the norms in the order they run: self-attention (norm1), cross-attention (norm2), FFN (norm3)
     (r"^transformer\.decoder\.layers\.(\d+)\.norm1\.", r"transformer.decoder_layers.\1.norm2."),
