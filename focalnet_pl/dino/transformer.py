@@ -63,15 +63,15 @@ class PositionEmbeddingSine(nn.Module):
 
 
 def box_sine_embedding(boxes: Tensor, hidden_dim: int, temperature: float = 10000.0) -> Tensor:
-    """Sine embedding of normalised ``(cx, cy, w, h)`` boxes ``(..., 4)`` -> ``(..., 2 * hidden_dim)``,
-    computed in the boxes' dtype (the frequencies in float32, as in the official DINO)."""
+    """Sine embedding of normalised ``(cx, cy, w, h)`` boxes ``(..., 4)`` -> ``(..., 2 * hidden_dim)``, in the
+    boxes' dtype (the frequencies in float32 as in the official DINO; at least float32 in between)."""
     feats = hidden_dim // 2
     dim_t = torch.arange(feats, dtype=torch.float32, device=boxes.device)
     dim_t = temperature ** (2 * (dim_t // 2) / feats)
     scaled = boxes[..., None] * (2 * math.pi) / dim_t  # (..., 4, feats)
     embedded = torch.stack([scaled[..., 0::2].sin(), scaled[..., 1::2].cos()], dim=-1).flatten(-2)
     cx, cy, w, h = embedded.unbind(-2)
-    return torch.cat([cy, cx, w, h], dim=-1)
+    return torch.cat([cy, cx, w, h], dim=-1).to(boxes.dtype)
 
 
 class EncoderLayer(nn.Module):
