@@ -260,7 +260,7 @@ class DetectionTask(L.LightningModule):
         backbone_lr = self.hparams.backbone_lr if self.hparams.backbone_lr is not None else lr
         prefixes = [f"{name}." for name, m in model.named_modules() if isinstance(m, (FocalNetBackbone, ResNet))]
         groups = param_groups(model.named_parameters(), self.hparams.weight_decay, {p: backbone_lr / lr for p in prefixes},
-                              decay_all=self.hparams.weight_decay_all)
+                              decay_all=self.hparams.get("weight_decay_all", False))  # subclasses may not take it
         for group in groups:
             group["lr"] = lr * group["lr_scale"]
         return groups
