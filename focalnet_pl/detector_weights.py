@@ -16,6 +16,7 @@ converted to our parameter names, and checked against the model:
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import pickle
@@ -126,15 +127,18 @@ class ClassRows:
     """How the rows of a class-dependent tensor map to classes.
 
     ``source_ids[i]`` is the dataset category id of the checkpoint's class ``i`` (``None``: unknown,
-    contiguous); each class owns ``rows_per_class`` consecutive entries along ``dim`` (4 for a
-    class-specific box regressor); ``extra_rows`` trailing entries (a background row) are not classes
-    and are kept as they are.
+    contiguous); ``source_names[i]`` its name where the checkpoint's dataset is known (COCO; ``None``
+    for an unused id), so that another dataset that reuses the ids for other classes is told apart;
+    each class owns ``rows_per_class`` consecutive entries along ``dim`` (4 for a class-specific box
+    regressor); ``extra_rows`` trailing entries (a background row) are not classes and are kept as
+    they are.
     """
 
     source_ids: tuple[int, ...] | None = None
     dim: int = 0
     rows_per_class: int = 1
     extra_rows: int = 0
+    source_names: tuple[str | None, ...] | None = None
 
 
 @dataclass
@@ -166,10 +170,13 @@ class DetectorLayout(Protocol):
 DETECTOR_LAYOUTS: list[DetectorLayout] = []
 
 #: Modules that register their layouts on import (imported by :func:`detect_detector_layout`).
-LAYOUT_MODULES: list[str] = ["focalnet_pl.d2.mmdet_weights", "focalnet_pl.mask2former.weights"]
+LAYOUT_MODULES: list[str] = [
+    "focalnet_pl.dino.layouts", "focalnet_pl.d2.mmdet_weights", "focalnet_pl.mask2former.weights",
+]
 
-#: Classes a detector checkpoint may pickle besides tensors (``args`` of the official DINO ``main.py``).
-SAFE_CHECKPOINT_GLOBALS: list[Any] = []
+#: Classes a detector checkpoint may pickle besides tensors: the ``args`` (``argparse.Namespace``, plain
+#: attributes only) the official DINO ``main.py`` saves with its checkpoints.
+SAFE_CHECKPOINT_GLOBALS: list[Any] = [argparse.Namespace]
 
 
 def register_detector_layout(layout: DetectorLayout, first: bool = True) -> DetectorLayout:
@@ -228,8 +235,19 @@ def _select_class_rows(value: Tensor, spec: ClassRows, class_ids: Sequence[int])
     return value.index_select(spec.dim, torch.as_tensor(rows, dtype=torch.long))
 
 
-def _fit_class_rows(key: str, value: Tensor, target: Tensor, spec: ClassRows,
-                    class_ids: Sequence[int] | None) -> tuple[Tensor | None, str]:
+def _renamed_classes(spec: ClassRows, class_ids: Sequence[int],
+                     class_names: Sequence[str] | None) -> list[tuple[int, str, str | None]]:
+    """``(id, dataset name, checkpoint name)`` of the dataset classes whose id names another class in
+    the checkpoint (only where both sides know their names)."""
+    if class_names is None or spec.source_names is None or spec.source_ids is None:
+        return []
+    names = dict(zip(spec.source_ids, spec.source_names))
+    return [(i, name, names[i]) for i, name in zip(class_ids, class_names)
+            if i in names and (names[i] or "").lower() != name.lower()]
+
+
+def _fit_class_rows(key: str, value: Tensor, target: Tensor, spec: ClassRows, class_ids: Sequence[int] | None,
+                    class_names: Sequence[str] | None = None) -> tuple[Tensor | None, str]:
     """``(tensor, how)`` for a class-dependent key: rows selected by id, copied, or ``None`` and the
     reason it is left at its initial value."""
     other_dims_fit = value.dim() == target.dim() and all(
@@ -239,8 +257,13 @@ def _fit_class_rows(key: str, value: Tensor, target: Tensor, spec: ClassRows,
         return None, f"checkpoint {tuple(value.shape)} vs model {tuple(target.shape)} beyond the class rows"
     if class_ids is not None and spec.source_ids is not None:
         absent = [i for i in class_ids if i not in set(spec.source_ids)]
-        if not absent and len(class_ids) == _class_count(spec, target.shape[spec.dim]):
+        renamed = _renamed_classes(spec, class_ids, class_names)
+        if not absent and not renamed and len(class_ids) == _class_count(spec, target.shape[spec.dim]):
             return _select_class_rows(value, spec, class_ids), "selected"
+        if renamed:
+            shown = ", ".join(f"id {i} is {name!r} in the dataset, {theirs!r} in the checkpoint"
+                              for i, name, theirs in renamed[:5])
+            return None, f"class set differs: {shown}"
         return None, (f"class set differs: dataset ids {absent[:10]} are not among the checkpoint's "
                       f"{len(spec.source_ids)} classes")
     if value.shape == target.shape:
@@ -288,6 +311,7 @@ def load_detector_weights(
     source: str | Path | Mapping[str, Any],
     *,
     class_ids: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
     strict: bool = True,
     checkpoint_filter: Callable[[str], bool] | None = None,
 ) -> DetectorLoadReport:
@@ -301,6 +325,9 @@ def load_detector_weights(
             (``thing_dataset_id_to_contiguous_id`` inverted); selects class rows of checkpoints that
             record theirs (COCO's 91-row layout). Without it, class tensors load only when their class
             count equals the model's.
+        class_names: the dataset's class names in the same order; where the checkpoint knows the names
+            of its classes (COCO), a dataset that uses the same ids for other classes gets fresh class
+            tensors instead of the rows of unrelated classes.
         strict: raise :class:`CheckpointError` when a tensor is missing, unused or of another shape.
         checkpoint_filter: only model keys for which this returns True are expected from and loaded
             from the file (e.g. everything but the backbone when that comes from ``MODEL.FOCALNET.WEIGHTS``);
@@ -332,7 +359,7 @@ def load_detector_weights(
             continue
         spec = state.class_rows.get(key)
         if spec is not None:
-            fitted, how = _fit_class_rows(key, value, target[key], spec, class_ids)
+            fitted, how = _fit_class_rows(key, value, target[key], spec, class_ids, class_names)
             if fitted is None:
                 report.reinitialised.append(f"{key}: {how}")
                 continue

@@ -20,12 +20,14 @@ def param_groups(
     weight_decay: float,
     lr_scale: dict[str, float] | None = None,
     keywords: Iterable[str] = NO_DECAY_KEYWORDS,
+    decay_all: bool = False,
 ) -> list[dict]:
     """AdamW groups: ``decay`` / ``no_decay``, optionally split further by name prefix with an lr scale.
 
     ``lr_scale`` maps a name prefix (e.g. ``"backbone."``) to a multiplier of the base lr; each group
-    carries ``lr_scale`` so schedules can keep the ratio. Frozen parameters are skipped. Group
-    ``name`` fields make the grouping inspectable (and testable).
+    carries ``lr_scale`` so schedules can keep the ratio. ``decay_all`` puts weight decay on every
+    parameter (no ``no_decay`` groups). Frozen parameters are skipped. Group ``name`` fields make the
+    grouping inspectable (and testable).
     """
     lr_scale = lr_scale or {}
     keywords = tuple(keywords)
@@ -34,7 +36,7 @@ def param_groups(
         if not param.requires_grad:
             continue
         prefix = next((p for p in lr_scale if name.startswith(p)), "")
-        no_decay = is_no_decay(name, param, keywords)
+        no_decay = not decay_all and is_no_decay(name, param, keywords)
         key = (prefix, no_decay)
         if key not in groups:
             groups[key] = {

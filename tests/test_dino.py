@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from torchvision.ops import box_convert, generalized_box_iou
@@ -25,15 +24,6 @@ from focalnet_pl.dino import (
     focal_class_cost,
     make_denoising_queries,
 )
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster single-threaded on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def random_boxes(count: int, gen: torch.Generator) -> torch.Tensor:
@@ -218,8 +208,14 @@ def test_dino_losses_inference_format_and_variants(one_thread):
     instances = outputs[0]["instances"]
     assert instances.image_size == (128, 96)
     assert len(instances) <= 10 and {"pred_boxes", "scores", "pred_classes"} <= set(instances.get_fields())
-    assert instances.pred_boxes.tensor[:, 2].max() <= 96 and instances.pred_boxes.tensor[:, 3].max() <= 128
     assert (instances.scores[:-1] >= instances.scores[1:]).all()
+    # boxes are the final layer's normalised boxes scaled to the requested size (not clipped, as the official DINO)
+    with torch.no_grad():
+        out, _ = model.predict([resized])
+    flat = out.logits[-1][0].sigmoid().flatten().topk(len(instances)).indices
+    queries = flat // out.logits[-1].shape[-1]
+    expected = box_convert(out.boxes[-1][0, queries], "cxcywh", "xyxy") * torch.tensor([96.0, 128.0, 96.0, 128.0])
+    torch.testing.assert_close(instances.pred_boxes.tensor, expected)
 
 
 def test_bad_inputs_are_named():
@@ -258,81 +254,42 @@ def test_tiny_dino_overfits_two_images(one_thread):
             assert pairwise_iou(gts.gt_boxes[index : index + 1], confident.pred_boxes).max() > 0.5
 
 
+def test_official_optimizer_decays_every_parameter():
+    """The official DINO optimizer (``param_dict_type='default'``): weight decay on every parameter, the
+    backbone at its own learning rate."""
+    from focalnet_pl.tasks.detection import DetectionTask
+
+    task = DetectionTask(detectron2={"MODEL": tiny_cfg().MODEL}, lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4,
+                         weight_decay_all=True)
+    groups = task._parameter_groups()
+    assert {g["weight_decay"] for g in groups} == {1e-4}
+    names = {n: g for g in groups for n in g["param_names"]}
+    assert len(names) == sum(1 for p in task.parameters() if p.requires_grad)
+    for name in ("transformer.level_embed", "transformer.decoder_norm.bias", "label_embedding.weight",
+                 "transformer.content_queries.weight"):
+        assert names[name]["lr"] == pytest.approx(1e-4)
+    assert names["backbone.body.layers.0.blocks.0.norm1.bias"]["lr"] == pytest.approx(1e-5)
+
+
 # ---- every DINO config, a few steps through the command line ---------------------------------------------
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
 @pytest.fixture(scope="module")
-def small_coco(tmp_path_factory) -> Path:
+def small_coco(make_coco_dataset) -> Path:
     """A 6 + 4 image COCO instances dataset (jpg + json, non-contiguous category ids 1 and 3)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("coco")
-    gen = torch.Generator().manual_seed(0)
-    (root / "annotations").mkdir()
-    for split, count in (("train2017", 6), ("val2017", 4)):
-        (root / split).mkdir()
-        images, annotations = [], []
-        for image_id in range(1, count + 1):
-            pixels = torch.full((64, 80, 3), 40, dtype=torch.uint8)
-            for _ in range(int(torch.randint(1, 3, (1,), generator=gen))):
-                x, y = (int(v) for v in torch.randint(0, 44, (2,), generator=gen))
-                w, h = (int(v) for v in torch.randint(12, 20, (2,), generator=gen))
-                category = 1 if torch.rand(1, generator=gen) < 0.5 else 3
-                pixels[y : y + h, x : x + w] = torch.tensor([230, 50, 50] if category == 1 else [50, 50, 230])
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
-                                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
-            Image.fromarray(pixels.numpy()).save(root / split / f"{image_id:06d}.jpg")
-            images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "width": 80, "height": 64})
-        categories = [{"id": 1, "name": "red", "supercategory": "box"}, {"id": 3, "name": "blue", "supercategory": "box"}]
-        (root / "annotations" / f"instances_{split}.json").write_text(
-            json.dumps({"images": images, "annotations": annotations, "categories": categories})
-        )
-    return root
+    return make_coco_dataset([(1, "red"), (3, "blue")])
 
 
-def merge(base: dict, overrides: dict) -> dict:
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-@pytest.mark.parametrize("name", ["dino_focalnet_t", "dino_focalnet_l", "dino_focalnet_h", "demo/dino_shapes"])
-def test_dino_config_trains_and_validates_via_cli(name, small_coco, tmp_path, one_thread):
+@pytest.mark.parametrize("name", ["dino_focalnet_t", "dino_focalnet_l", "dino_focalnet_l_fl3", "dino_focalnet_h",
+                                  "demo/dino_shapes"])
+def test_dino_config_trains_and_validates_via_cli(name, small_coco, small_cli_config, tmp_path, one_thread):
     """The shipped config with small widths / images / steps: fit 2 steps + COCO validation through cli.py."""
     from focalnet_pl.cli import main
 
-    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-    model_overrides = {
+    config_file = small_cli_config(name, small_coco, {
         # tiny widths: no pretrained backbone (the demo config names the classification demo's export)
         "FOCALNET": {"EMBED_DIM": 16, "DEPTHS": [1, 1, 1, 1], "DROP_PATH_RATE": 0.0, "WEIGHTS": ""},
         "DINO": {"HIDDEN_DIM": 32, "NHEADS": 4, "ENC_LAYERS": 1, "DEC_LAYERS": 2, "DIM_FEEDFORWARD": 64,
                  "NUM_QUERIES": 30, "DN_NUMBER": 10, "NUM_SELECT": 20},
-    }
-    merge(config["model"]["init_args"]["detectron2"]["MODEL"], model_overrides)
-    config["data"]["init_args"] = merge(
-        {k: v for k, v in config["data"]["init_args"].items() if k not in ("root", "demo")},
-        {
-            "train_json": str(small_coco / "annotations/instances_train2017.json"),
-            "train_images": str(small_coco / "train2017"),
-            "val_json": str(small_coco / "annotations/instances_val2017.json"),
-            "val_images": str(small_coco / "val2017"),
-            "train_min_sizes": [64, 80], "train_max_size": 96, "crop_resize_sizes": [64], "crop_size": [48, 64],
-            "test_min_size": 64, "test_max_size": 96, "batch_size": 2, "eval_batch_size": 2, "num_workers": 0,
-        },
-    )
-    config["trainer"].update({
-        "accelerator": "cpu", "devices": 1, "strategy": "auto", "max_epochs": 1, "limit_train_batches": 2,
-        "limit_val_batches": 2, "check_val_every_n_epoch": 1, "num_sanity_val_steps": 0, "logger": False,
-        "enable_progress_bar": False, "default_root_dir": str(tmp_path),
     })
-    config["trainer"].pop("callbacks", None)
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(config_file)])
     results = sorted(tmp_path.rglob("val_*.json"))
     assert results, f"no COCO results json written under {tmp_path}"

@@ -22,8 +22,6 @@ from focalnet_pl.weights import OFFLINE_ENV, CheckpointError, cache_path, resolv
 from focalnet_pl.zoo import list_zoo, zoo_entry
 
 ROOT = Path(__file__).resolve().parents[1]
-#: DINO configs written with issue #12 (configs/dino_focalnet_l_fl3.yaml, ..._o365_coco_eval.yaml)
-DINO_CONFIGS = {"configs/dino_focalnet_l.yaml", "configs/dino_focalnet_l_o365_coco_eval.yaml"}
 
 
 @pytest.fixture
@@ -41,15 +39,15 @@ def test_zoo_lists_every_released_checkpoint_with_its_config():
     for entry in entries:
         assert entry.url.startswith("https://") and entry.url.endswith("/" + entry.file), entry.name
         assert entry.variant in VARIANTS, entry.name
-        assert (ROOT / entry.config).is_file() or entry.config in DINO_CONFIGS, entry.config
+        assert (ROOT / entry.config).is_file(), entry.config
     # the numbers the READMEs report, spot-checked
     assert zoo_entry("focalnet_tiny_srf").reported == {"top1": 82.1, "params_m": 28.4, "flops_g": 4.4}
     assert zoo_entry("mask_rcnn_focalnet_b_lrf_3x").reported["box_ap"] == 49.8
     assert zoo_entry("zoo:dino_focalnet_l_fl4_o365_coco").reported == {"box_ap": 63.5}
     assert zoo_entry("focalnet_huge_fl4_22k").num_classes == 21842
-    # each Mask R-CNN / classification entry is evaluated by a config of the same variant
+    # each detection / classification entry is evaluated by a config of the same variant
     for entry in entries:
-        if entry.config.startswith("configs/mask_rcnn_") or entry.config.startswith("configs/classification/focalnet_"):
+        if entry.config.startswith(("configs/mask_rcnn_", "configs/dino_", "configs/classification/focalnet_")):
             init = yaml.safe_load((ROOT / entry.config).read_text())["model"]["init_args"]
             variant = init["detectron2"]["MODEL"]["FOCALNET"]["VARIANT"] if "detectron2" in init else init["variant"]
             assert variant == entry.variant, entry.name

@@ -1,4 +1,5 @@
-"""``cfg.MODEL.DINO`` defaults (values of the DINO paper's 4-scale, 12-epoch COCO recipe)."""
+"""``cfg.MODEL.DINO`` defaults: the official FocalNet-DINO / IDEA DINO 4-scale, 12-epoch COCO recipe
+(``config/DINO/DINO_4scale.py``)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ def add_dino_config(cfg: CN) -> None:
     dino.DROPOUT = 0.0
     dino.ENC_N_POINTS = 4
     dino.DEC_N_POINTS = 4
+    # sine position embedding (cumsum + PE_OFFSET) / extent: official DINO 20 / 0.0, detrex 10000 / -0.5
     dino.PE_TEMPERATURE = 20.0
+    dino.PE_OFFSET = 0.0
     # mixed query selection: top-k encoder proposals as anchors, learnable content queries
     dino.TWO_STAGE = True
     # contrastive denoising
     dino.DN_NUMBER = 100
     dino.DN_LABEL_NOISE_RATIO = 0.5
-    dino.DN_BOX_NOISE_SCALE = 1.0
+    # official DINO / FocalNet-DINO configs: 0.4 (detrex: 1.0)
+    dino.DN_BOX_NOISE_SCALE = 0.4
     # losses (weights) and Hungarian matching costs
     dino.CLASS_WEIGHT = 1.0
     dino.BBOX_WEIGHT = 5.0
@@ -41,7 +45,9 @@ def add_dino_config(cfg: CN) -> None:
     dino.FOCAL_ALPHA = 0.25
     dino.FOCAL_GAMMA = 2.0
     dino.AUX_LOSS = True
+    # one class / box head shared by all decoder layers (official DINO); False: one per layer (detrex)
+    dino.SHARE_DECODER_HEADS = True
     # inference: top-k over queries x classes
     dino.NUM_SELECT = 300
-    # padded batch size multiple (0: use the backbone's size_divisibility)
+    # padded batch size multiple (0: pad only to the largest image of the batch, as the official DINO)
     dino.SIZE_DIVISIBILITY = 0

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 from torchvision.ops import box_convert
@@ -15,7 +15,7 @@ from torchvision.ops import box_convert
 from focalnet_pl.dino.criterion import Prediction, SetCriterion
 from focalnet_pl.dino.denoising import DenoisingQueries, make_denoising_queries
 from focalnet_pl.dino.matcher import HungarianMatcher
-from focalnet_pl.dino.transformer import MLP, DeformableTransformer
+from focalnet_pl.dino.transformer import MLP, DeformableTransformer, TransformerOutput
 from focalnet_pl.layers import DINOSinePositionEmbedding
 
 __all__ = ["DINO"]
@@ -33,6 +33,9 @@ class DINO(nn.Module):
     absolute xyxy, ``gt_classes``); returns a dict of weighted losses. Inference: returns
     ``[{"instances": Instances}]`` with ``pred_boxes`` in the original ``height`` x ``width``,
     ``scores`` and ``pred_classes`` (top ``num_select`` over queries x classes).
+
+    Images are padded to the largest of the batch (``size_divisibility`` 0, the official DINO) and
+    the padding is masked out of every attention.
     """
 
     @configurable
@@ -51,7 +54,7 @@ class DINO(nn.Module):
         pixel_std: list[float],
         dn_number: int = 100,
         dn_label_noise_ratio: float = 0.5,
-        dn_box_noise_scale: float = 1.0,
+        dn_box_noise_scale: float = 0.4,
         aux_loss: bool = True,
         num_select: int = 300,
         size_divisibility: int = 0,
@@ -78,7 +81,7 @@ class DINO(nn.Module):
         self.dn_box_noise_scale = dn_box_noise_scale
         self.aux_loss = aux_loss
         self.num_select = num_select
-        self.size_divisibility = size_divisibility or backbone.size_divisibility
+        self.size_divisibility = size_divisibility
 
         projections = [
             nn.Sequential(nn.Conv2d(shapes[name].channels, hidden_dim, 1), _group_norm(hidden_dim))
@@ -95,8 +98,9 @@ class DINO(nn.Module):
             nn.init.xavier_uniform_(projection[0].weight, gain=1)
             nn.init.zeros_(projection[0].bias)
         self.label_embedding = nn.Embedding(num_classes, hidden_dim)
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        # float64, cast to the weights' dtype when used (exact in a float64 model)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float64).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float64).view(-1, 1, 1), persistent=False)
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict:
@@ -124,6 +128,7 @@ class DINO(nn.Module):
             two_stage=node.TWO_STAGE,
             class_head=class_head,
             box_head=box_head,
+            share_heads=node.SHARE_DECODER_HEADS,
         )
         matcher = HungarianMatcher(node.COST_CLASS, node.COST_BBOX, node.COST_GIOU, node.FOCAL_ALPHA, node.FOCAL_GAMMA)
         criterion = SetCriterion(
@@ -137,7 +142,8 @@ class DINO(nn.Module):
             "num_feature_levels": node.NUM_FEATURE_LEVELS,
             "hidden_dim": hidden,
             "transformer": transformer,
-            "position_embedding": DINOSinePositionEmbedding(hidden // 2, temperature=node.PE_TEMPERATURE),
+            "position_embedding": DINOSinePositionEmbedding(hidden // 2, temperature=node.PE_TEMPERATURE,
+                                                            offset=node.PE_OFFSET),
             "criterion": criterion,
             "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
             "pixel_std": list(cfg.MODEL.PIXEL_STD),
@@ -155,7 +161,9 @@ class DINO(nn.Module):
 
     def preprocess_image(self, batched_inputs: list[dict]) -> tuple[ImageList, Tensor]:
         """Normalise, pad into one batch; returns the ImageList and the (B, H, W) padding mask (True = pad)."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        dtype = self.input_proj[0][0].weight.dtype
+        mean, std = self.pixel_mean.to(dtype), self.pixel_std.to(dtype)
+        images = [(x["image"].to(self.device, dtype) - mean) / std for x in batched_inputs]
         image_list = ImageList.from_tensors(images, self.size_divisibility)
         batch, _, height, width = image_list.tensor.shape
         mask = torch.ones(batch, height, width, dtype=torch.bool, device=self.device)
@@ -193,18 +201,27 @@ class DINO(nn.Module):
         positions = [self.position_embedding(m).to(f.dtype) for f, m in zip(features, masks)]
         return features, masks, positions
 
-    def forward(self, batched_inputs: list[dict]) -> dict[str, Tensor] | list[dict[str, Instances]]:
+    def predict(self, batched_inputs: list[dict]) -> tuple[TransformerOutput, ImageList]:
+        """Raw outputs for an inference batch: class logits and boxes of every decoder layer and the
+        selected encoder proposals; with the padded images."""
         images, mask = self.preprocess_image(batched_inputs)
         features, masks, positions = self.multi_scale_features(images.tensor, mask)
+        return self.transformer(features, masks, positions, None, None, None), images
 
-        targets = self.prepare_targets(batched_inputs, images.image_sizes) if self.training else None
-        denoising: DenoisingQueries | None = None
-        if self.training:
-            num_queries = self.transformer.num_selected_queries(sum(m[0].numel() for m in masks))
-            denoising = make_denoising_queries(
-                targets, num_queries, self.num_classes, self.label_embedding, self.dn_number, self.dn_label_noise_ratio,
-                self.dn_box_noise_scale,
-            )
+    def forward(self, batched_inputs: list[dict]) -> dict[str, Tensor] | list[dict[str, Instances]]:
+        if not self.training:
+            out, images = self.predict(batched_inputs)
+            final = {"pred_logits": out.logits[-1], "pred_boxes": out.boxes[-1]}
+            return self.inference(final, batched_inputs, images.image_sizes)
+
+        images, mask = self.preprocess_image(batched_inputs)
+        features, masks, positions = self.multi_scale_features(images.tensor, mask)
+        targets = self.prepare_targets(batched_inputs, images.image_sizes)
+        num_queries = self.transformer.num_selected_queries(sum(m[0].numel() for m in masks))
+        denoising: DenoisingQueries | None = make_denoising_queries(
+            targets, num_queries, self.num_classes, self.label_embedding, self.dn_number, self.dn_label_noise_ratio,
+            self.dn_box_noise_scale,
+        )
         out = self.transformer(
             features, masks, positions,
             denoising.content if denoising else None,
@@ -213,13 +230,9 @@ class DINO(nn.Module):
         )
         pad = denoising.meta.pad_size if denoising else 0
         layers: list[Prediction] = [
-            {"pred_logits": self.transformer.class_head(hidden), "pred_boxes": boxes}
-            for hidden, boxes in zip(out.hidden_states, out.boxes)
+            {"pred_logits": logits, "pred_boxes": boxes} for logits, boxes in zip(out.logits, out.boxes)
         ]
         matching = [{key: value[:, pad:] for key, value in layer.items()} for layer in layers]
-
-        if not self.training:
-            return self.inference(matching[-1], batched_inputs, images.image_sizes)
 
         interm = None
         if out.encoder_logits is not None:
@@ -243,7 +256,9 @@ class DINO(nn.Module):
 
     def inference(self, prediction: Prediction, batched_inputs: list[dict],
                   image_sizes: list[tuple[int, int]]) -> list[dict[str, Instances]]:
-        """Top-k (query, class) pairs per image; boxes scaled to the requested output size."""
+        """Top-k (query, class) pairs per image, boxes scaled to the requested output size (``height`` x
+        ``width``, default the input size); as the official DINO ``PostProcess``, boxes are neither
+        clipped to the image nor filtered."""
         probabilities = prediction["pred_logits"].sigmoid().flatten(1)
         num_classes = prediction["pred_logits"].shape[-1]
         scores, flat_index = probabilities.topk(min(self.num_select, probabilities.shape[1]), dim=1)
@@ -253,12 +268,11 @@ class DINO(nn.Module):
         boxes = boxes.gather(1, query_index[..., None].expand(-1, -1, 4))
         results = []
         for index, (inputs, (height, width)) in enumerate(zip(batched_inputs, image_sizes)):
-            scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
-            instances = Instances((height, width))
-            instances.pred_boxes = Boxes(boxes[index].float() * scale)
-            instances.scores = scores[index].float()
+            output_size = (int(inputs.get("height", height)), int(inputs.get("width", width)))
+            scale = boxes.new_tensor([output_size[1], output_size[0], output_size[1], output_size[0]])
+            instances = Instances(output_size)
+            instances.pred_boxes = Boxes(boxes[index] * scale)
+            instances.scores = scores[index]
             instances.pred_classes = labels[index]
-            output_height = inputs.get("height", height)
-            output_width = inputs.get("width", width)
-            results.append({"instances": detector_postprocess(instances, output_height, output_width)})
+            results.append({"instances": instances})
         return results

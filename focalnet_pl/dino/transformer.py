@@ -31,11 +31,12 @@ class MLP(nn.Module):
 
 
 def box_sine_embedding(boxes: Tensor, hidden_dim: int, temperature: float = 10000.0) -> Tensor:
-    """Sine embedding of normalised ``(cx, cy, w, h)`` boxes ``(..., 4)`` -> ``(..., 2 * hidden_dim)``."""
+    """Sine embedding of normalised ``(cx, cy, w, h)`` boxes ``(..., 4)`` -> ``(..., 2 * hidden_dim)``, in the
+    boxes' dtype (the frequencies in float32 as in the official DINO; at least float32 in between)."""
     feats = hidden_dim // 2
     dim_t = torch.arange(feats, dtype=torch.float32, device=boxes.device)
     dim_t = temperature ** (2 * (dim_t // 2) / feats)
-    scaled = boxes[..., None].float() * (2 * math.pi) / dim_t  # (..., 4, feats)
+    scaled = boxes[..., None] * (2 * math.pi) / dim_t  # (..., 4, feats)
     embedded = torch.stack([scaled[..., 0::2].sin(), scaled[..., 1::2].cos()], dim=-1).flatten(-2)
     cx, cy, w, h = embedded.unbind(-2)
     return torch.cat([cy, cx, w, h], dim=-1).to(boxes.dtype)
@@ -86,7 +87,7 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class TransformerOutput:
-    hidden_states: list[Tensor]  # per decoder layer (B, N, D), after the final decoder LayerNorm
+    logits: list[Tensor]  # per decoder layer (B, N, K) class logits of the normed decoder output
     boxes: list[Tensor]  # per decoder layer, normalised (cx, cy, w, h) (B, N, 4), look-forward-twice refined
     encoder_logits: Tensor | None  # (B, num_queries, K) class logits of the selected encoder proposals
     encoder_boxes: Tensor | None  # (B, num_queries, 4) their (undetached) boxes
@@ -95,8 +96,9 @@ class TransformerOutput:
 class DeformableTransformer(nn.Module):
     """Deformable encoder over the flattened multi-scale features and a decoder refining anchor boxes.
 
-    ``class_head`` and ``box_head`` are the prediction heads shared by all decoder layers (the box
-    refinement needs them inside the decoder); the encoder proposals have their own heads.
+    ``class_head`` and ``box_head`` are the prediction heads of the decoder layers (the box refinement
+    needs them inside the decoder): one pair shared by all layers (``share_heads``, the official
+    DINO) or a copy per layer (detrex); the encoder proposals have their own copies.
     """
 
     def __init__(
@@ -115,12 +117,14 @@ class DeformableTransformer(nn.Module):
         two_stage: bool,
         class_head: nn.Linear,
         box_head: MLP,
+        share_heads: bool = True,
     ) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
         self.num_levels = num_levels
         self.num_queries = num_queries
         self.two_stage = two_stage
+        self.share_heads = share_heads
         encoder_layer = EncoderLayer(hidden_dim, ffn_dim, dropout, num_heads, num_levels, enc_points)
         decoder_layer = DecoderLayer(hidden_dim, ffn_dim, dropout, num_heads, num_levels, dec_points)
         self.encoder_layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(enc_layers))
@@ -128,19 +132,41 @@ class DeformableTransformer(nn.Module):
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_pos_head = MLP(2 * hidden_dim, hidden_dim, hidden_dim, 2)
         self.level_embed = nn.Parameter(torch.empty(num_levels, hidden_dim))
-        nn.init.normal_(self.level_embed)
-        self.class_head = class_head
-        self.box_head = box_head
         self.content_queries = nn.Embedding(num_queries, hidden_dim)
         if two_stage:
             self.proposal_proj = nn.Linear(hidden_dim, hidden_dim)
             self.proposal_norm = nn.LayerNorm(hidden_dim)
-            self.proposal_class_head = copy.deepcopy(class_head)
-            self.proposal_box_head = copy.deepcopy(box_head)
         else:
             self.anchor_boxes = nn.Embedding(num_queries, 4)
-            nn.init.uniform_(self.anchor_boxes.weight[:, :2], -2.0, 2.0)
-            nn.init.constant_(self.anchor_boxes.weight[:, 2:], inverse_sigmoid(torch.tensor(0.1)).item())
+        self.reset_parameters()
+        # the heads keep their own init (set by the caller)
+        if share_heads:
+            self.class_head = class_head
+            self.box_head = box_head
+        else:
+            self.class_heads = nn.ModuleList(copy.deepcopy(class_head) for _ in range(dec_layers))
+            self.box_heads = nn.ModuleList(copy.deepcopy(box_head) for _ in range(dec_layers))
+        if two_stage:
+            self.proposal_class_head = copy.deepcopy(class_head)
+            self.proposal_box_head = copy.deepcopy(box_head)
+
+    def reset_parameters(self) -> None:
+        """The official DINO init (``DeformableTransformer._reset_parameters``): xavier-uniform on every
+        matrix (encoder and decoder layers, query-position MLP, proposal projection, content queries,
+        anchors), deformable attention's own init, standard-normal level embeddings."""
+        for parameter in self.parameters():
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+        for module in self.modules():
+            if isinstance(module, MultiScaleDeformableAttention):
+                module.reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    def layer_heads(self, layer: int) -> tuple[nn.Module, nn.Module]:
+        """``(class_head, box_head)`` of decoder layer ``layer``."""
+        if self.share_heads:
+            return self.class_head, self.box_head
+        return self.class_heads[layer], self.box_heads[layer]
 
     def num_selected_queries(self, num_tokens: int) -> int:
         """Matching queries used for a memory of ``num_tokens`` (all of them unless the memory is smaller)."""
@@ -170,10 +196,12 @@ class DeformableTransformer(nn.Module):
         points = torch.cat(points, 1)
         return points[:, :, None] * valid_ratios[:, None]
 
-    def encoder_proposals(self, memory: Tensor, padding_mask: Tensor, shapes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def encoder_proposals(self, memory: Tensor, padding_mask: Tensor, shapes: Tensor) -> tuple[Tensor, Tensor]:
         """One anchor per memory position (its pixel, size 0.05 * 2**level) and the projected memory.
 
-        Returns ``(projected memory (B, S, D), proposals in logit space (B, S, 4), valid (B, S) bool)``.
+        Returns ``(projected memory (B, S, D), proposals in logit space (B, S, 4))``. As in the official
+        DINO, a padded position or an anchor not inside ``(0.01, 0.99)`` gets zero memory and an
+        infinite logit box (the whole image once refined); it is not excluded from the top-k.
         """
         batch = memory.shape[0]
         proposals = []
@@ -192,10 +220,10 @@ class DeformableTransformer(nn.Module):
             proposals.append(torch.cat([centres, sizes], -1).view(batch, -1, 4))
             start += height * width
         proposals = torch.cat(proposals, 1)
-        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1) & ~padding_mask
-        projected = memory.masked_fill(~valid[..., None], 0.0)
-        projected = self.proposal_norm(self.proposal_proj(projected))
-        return projected, inverse_sigmoid(proposals), valid
+        invalid = ~((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True) | padding_mask[..., None]
+        logits = torch.log(proposals / (1 - proposals)).masked_fill(invalid, float("inf"))
+        projected = self.proposal_norm(self.proposal_proj(memory.masked_fill(invalid, 0.0)))
+        return projected, logits
 
     def forward(
         self,
@@ -225,11 +253,10 @@ class DeformableTransformer(nn.Module):
         num_select = self.num_selected_queries(memory.shape[1])
         encoder_logits = encoder_boxes = None
         if self.two_stage:
-            projected, proposals, valid = self.encoder_proposals(memory, padding_mask, shapes)
+            projected, proposals = self.encoder_proposals(memory, padding_mask, shapes)
             proposal_logits = self.proposal_class_head(projected)
             proposal_boxes = self.proposal_box_head(projected) + proposals
-            score = proposal_logits.max(-1).values.masked_fill(~valid, float("-inf"))
-            chosen = score.topk(num_select, dim=1).indices
+            chosen = proposal_logits.max(-1).values.topk(num_select, dim=1).indices
             boxes_unsigmoid = proposal_boxes.gather(1, chosen[..., None].expand(-1, -1, 4))
             encoder_logits = proposal_logits.gather(1, chosen[..., None].expand(-1, -1, proposal_logits.shape[-1]))
             encoder_boxes = boxes_unsigmoid.sigmoid()
@@ -244,30 +271,31 @@ class DeformableTransformer(nn.Module):
             if attn_mask is not None and attn_mask.shape[0] != content.shape[1]:
                 raise ValueError(f"attn_mask of size {attn_mask.shape[0]} for {content.shape[1]} queries")
 
-        hidden_states, boxes = self.decode(content, anchors_unsigmoid.sigmoid(), memory, padding_mask, shapes,
-                                           starts, valid_ratios, attn_mask)
-        return TransformerOutput(hidden_states, boxes, encoder_logits, encoder_boxes)
+        logits, boxes = self.decode(content, anchors_unsigmoid.sigmoid(), memory, padding_mask, shapes,
+                                    starts, valid_ratios, attn_mask)
+        return TransformerOutput(logits, boxes, encoder_logits, encoder_boxes)
 
     def decode(self, tgt: Tensor, anchors: Tensor, memory: Tensor, padding_mask: Tensor, shapes: Tensor,
                starts: Tensor, valid_ratios: Tensor, attn_mask: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
-        """Run the decoder with box refinement.
+        """Run the decoder with box refinement; returns the class logits and boxes of every layer.
 
-        Look forward twice: each layer's predicted box is ``sigmoid(delta + logit(previous box))`` with the
-        *undetached* previous box, so the loss of layer ``i`` also trains layer ``i - 1``'s box; the box fed
-        to the next layer as its reference is detached.
+        As in the official DINO, the reference box of the next layer is refined from the layer's output
+        *before* the final decoder norm (and detached), while the predictions use the normed output.
+        Look forward twice: layer ``i``'s predicted box is ``sigmoid(delta + logit(reference))`` with the
+        *undetached* reference refined by layer ``i - 1``, so its loss also trains layer ``i - 1``.
         """
-        hidden_states, boxes = [], []
-        reference = anchors.detach()
-        previous = anchors
+        logits, boxes = [], []
+        reference = previous = anchors
         scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, L, 4)
-        for layer in self.decoder_layers:
+        for index, layer in enumerate(self.decoder_layers):
+            class_head, box_head = self.layer_heads(index)
             reference_input = reference[:, :, None] * scale
             query_pos = self.query_pos_head(box_sine_embedding(reference_input[:, :, 0], self.hidden_dim))
             tgt = layer(tgt, query_pos, reference_input, memory, shapes, starts, padding_mask, attn_mask)
             normed = self.decoder_norm(tgt)
-            box = (self.box_head(normed) + inverse_sigmoid(previous)).sigmoid()
-            hidden_states.append(normed)
-            boxes.append(box)
-            previous = box
-            reference = box.detach()
-        return hidden_states, boxes
+            logits.append(class_head(normed))
+            boxes.append((box_head(normed) + inverse_sigmoid(previous)).sigmoid())
+            if index + 1 < len(self.decoder_layers):
+                previous = (box_head(tgt) + inverse_sigmoid(reference)).sigmoid()
+                reference = previous.detach()
+        return logits, boxes

@@ -60,7 +60,10 @@ class DetectionTask(L.LightningModule):
             The number of classes comes from the datamodule when the dict does not set it.
         lr: AdamW learning rate of everything but the backbone.
         backbone_lr: learning rate of the (FocalNet / ResNet) backbone; ``None`` = ``lr``.
-        weight_decay: AdamW weight decay (not applied to norms, biases, layer scale, position embeddings).
+        weight_decay: AdamW weight decay (not applied to norms, biases, layer scale, position embeddings
+            unless ``weight_decay_all``).
+        weight_decay_all: weight decay on every parameter, norms and biases included (the official DINO
+            optimizer, ``param_dict_type='default'``).
         lr_decay_epochs: epochs (0-based) from which the learning rate is multiplied by another
             ``lr_decay_factor`` (mmdetection's ``step``).
         warmup_iters: linear warmup from ``warmup_factor * lr`` over this many optimizer steps.
@@ -82,6 +85,7 @@ class DetectionTask(L.LightningModule):
         lr: float = 1e-4,
         backbone_lr: float | None = None,
         weight_decay: float = 0.05,
+        weight_decay_all: bool = False,
         lr_decay_epochs: Sequence[int] = (),
         lr_decay_factor: float = 0.1,
         warmup_iters: int = 0,
@@ -170,11 +174,14 @@ class DetectionTask(L.LightningModule):
         """``weights`` / ``MODEL.WEIGHTS``: a full detector checkpoint (official, detrex, mmdetection or ours),
         class rows chosen by the datamodule's category ids (see :func:`focalnet_pl.load_detector_weights`)."""
         metadata = self._data_metadata()
-        class_ids = None
+        class_ids = class_names = None
         if metadata is not None and metadata.get("thing_dataset_id_to_contiguous_id", None):
             to_dataset = {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
             class_ids = [to_dataset[i] for i in range(len(to_dataset))]
-        self.weights_report = load_detector_weights(self._require_model(), self.weights_source, class_ids=class_ids)
+            class_names = list(metadata.get("thing_classes", None) or []) or None
+        self.weights_report = load_detector_weights(
+            self._require_model(), self.weights_source, class_ids=class_ids, class_names=class_names
+        )
 
     def configure_model(self) -> None:
         """Shard with FSDP2 under ``FSDP2Strategy`` (no-op under other strategies, never twice)."""
@@ -300,7 +307,8 @@ class DetectionTask(L.LightningModule):
 
     def _group_parameters(self, model: nn.Module, lr_scale: dict[str, float]) -> list[dict]:
         """Weight-decay groups of ``model`` with the given lr scales by name prefix."""
-        return param_groups(model.named_parameters(), self.hparams.weight_decay, lr_scale)
+        return param_groups(model.named_parameters(), self.hparams.weight_decay, lr_scale,
+                            decay_all=self.hparams.weight_decay_all)
 
     def lr_factor(self, step: int, epoch: int) -> float:
         """Multiplier of the base learning rates at optimizer ``step`` during ``epoch``."""
