@@ -40,6 +40,7 @@ class HostRead:
     file: str
     line: int
     function: str
+    in_package: bool = True
 
     @property
     def site(self) -> str:
@@ -48,8 +49,9 @@ class HostRead:
 
 def _read(kind: str) -> HostRead:
     frames = [frame for frame in traceback.extract_stack() if frame.filename != __file__]
-    frame = ([frame for frame in frames if frame.filename.startswith(_PACKAGE)] or frames)[-1]
-    return HostRead(kind, Path(frame.filename).name, frame.lineno or 0, frame.name)
+    ours = [frame for frame in frames if frame.filename.startswith(_PACKAGE)]
+    frame = (ours or frames)[-1]
+    return HostRead(kind, Path(frame.filename).name, frame.lineno or 0, frame.name, bool(ours))
 
 
 @dataclass
@@ -99,6 +101,11 @@ class HostSyncAudit:
     @property
     def total(self) -> int:
         return sum(self.reads.values())
+
+    @property
+    def in_package(self) -> int:
+        """Reads made (directly or through a library) by code of this package."""
+        return sum(count for read, count in self.reads.items() if read.in_package)
 
     def table(self) -> str:
         """One line per kind and site, most frequent first."""
