@@ -229,6 +229,37 @@ def test_forcing_triton_on_cpu_without_interpreter_is_a_clear_error():
         register_fused_kernel(previous)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernels_compile_for_a_hopper_gpu_without_one(dtype):
+    """The compiled path, which the interpreter does not exercise: both kernels through Triton's whole
+    pipeline (frontend, LLVM, ptxas) to sm_90 machine code, with vector loads of a head's channels."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from focalnet_pl.layers import ms_deform_attn_triton as kernels
+
+    if kernels.INTERPRETED:
+        pytest.skip("this process runs Triton interpreted")
+    sizes = {"HEADS": 8, "HEAD_DIM": 32, "LEVELS": 4, "POINTS": 4, "BLOCK_D": 32, "WIDE": False, "ALIGN": 32}
+    pointers = {"value_ptr": dtype, "shapes_ptr": "i64", "starts_ptr": "i64", "locations_ptr": "fp32",
+                "weights_ptr": "fp32", "out_ptr": dtype, "grad_out_ptr": dtype, "grad_value_ptr": "fp32",
+                "grad_locations_ptr": "fp32", "grad_weights_ptr": "fp32"}
+    for kernel, constants in ((kernels._msda_forward_kernel, {"BLOCK_R": 64}),
+                              (kernels._msda_backward_kernel, {"BLOCK_R": 32, "VALUE_GRAD": True})):
+        names = kernel.fn.arg_names
+        constants = {**sizes, **constants}
+        signature = {name: "constexpr" if name in constants else f"*{pointers[name]}" if name in pointers else "i32"
+                     for name in names}
+        aligned = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(names) if name in pointers}
+        source = ASTSource(fn=kernel.fn, signature=signature, constexprs=constants, attrs=aligned)
+        try:
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        except RuntimeError as error:  # no ptxas in this Triton installation
+            pytest.skip(f"cannot compile for sm_90 here: {error}")
+        assert "ld.global.v" in compiled.asm["ptx"] and compiled.asm["cubin"]
+
+
 def test_bad_kernel_choice_is_named():
     from focalnet_pl.layers.ms_deform_attn import _default_fused_kernel
 

@@ -26,15 +26,61 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 
 def _configs(heavy: bool) -> list[triton.Config]:
-    blocks = (32, 64, 128) if heavy else (64, 128, 256)
-    return [triton.Config({"BLOCK_R": block}, num_warps=warps) for block in blocks for warps in (2, 4, 8)]
+    """Rows per program x warps, autotuned among: 4 to 16 elements of a 32-wide head per thread (compiled
+    for sm_90 without spills, under 100 registers); the backward keeps more tiles alive and takes half the rows."""
+    shapes = ((16, 4), (32, 4), (32, 8), (64, 8)) if heavy else ((32, 4), (64, 4), (64, 8), (128, 8))
+    return [triton.Config({"BLOCK_R": rows}, num_warps=warps) for rows, warps in shapes]
 
 
 @triton.jit
-def _sampling_point(locations_ptr, weights_ptr, index, row_mask, height, width, start, value_rows, row_stride):
-    """Bilinear setup of one sampling point for a block of rows: fractional offsets ``(lx, ly)``, the
-    attention weight, the level's pixel scale, the element offset of the top-left corner's row and the
-    inside masks of the corner columns ``x0``, ``x0 + 1`` and rows ``y0``, ``y0 + 1``."""
+def _row_block(num_rows, num_queries, num_tokens, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, ALIGN: tl.constexpr):
+    """This program's rows, a row being one (image, query, head), with their mask, the channel offsets and
+    mask, and each row's offset of its (image, head) in ``value``. value (B, S, heads, D), locations
+    (B, Q, heads, L, P, 2), weights (B, Q, heads, L, P) and out (B, Q, heads * D) are row-major. Offsets
+    are int64 only when ``WIDE`` (a tensor of 2**31 elements or more); they are multiples of ``ALIGN``
+    (so that rows of a head load as vectors)."""
+    block = tl.program_id(0)
+    if WIDE:
+        block = block.to(tl.int64)
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    channels = tl.arange(0, BLOCK_D)
+    value_rows = ((rows // (num_queries * HEADS)) * num_tokens * HEADS + rows % HEADS) * HEAD_DIM
+    return rows, rows < num_rows, channels, channels < HEAD_DIM, tl.multiple_of(value_rows, ALIGN)
+
+
+@triton.jit
+def _tile_mask(mask, d_mask, EVEN_D: tl.constexpr):
+    """Rows mask x channels mask; without the channel part when the head fills the block (so that a
+    head's contiguous channels load as vectors)."""
+    tile = mask[:, None]
+    if not EVEN_D:
+        tile = tile & d_mask[None, :]
+    return tile
+
+
+@triton.jit
+def _load_rows(value_ptr, offsets, mask, channels, d_mask, EVEN_D: tl.constexpr):
+    return tl.load(value_ptr + offsets[:, None] + channels[None, :], mask=_tile_mask(mask, d_mask, EVEN_D),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scatter_rows(grad_ptr, offsets, mask, channels, d_mask, values, EVEN_D: tl.constexpr):
+    # relaxed: only the sum matters (no ordering with other memory operations)
+    tl.atomic_add(grad_ptr + offsets[:, None] + channels[None, :], values, mask=_tile_mask(mask, d_mask, EVEN_D),
+                  sem="relaxed")
+
+
+@triton.jit
+def _sampling_point(value_ptr, shapes_ptr, starts_ptr, locations_ptr, weights_ptr, level, index, row_mask,
+                    value_rows, channels, d_mask, row_stride, WIDE: tl.constexpr, EVEN_D: tl.constexpr):
+    """One sampling point of a level for a block of rows: fractional offsets ``(lx, ly)``, the attention
+    weight, the level's size in pixels, and for the corners (x0, y0), (x0 + 1, y0), (x0, y0 + 1),
+    (x0 + 1, y0 + 1): element offsets in ``value``, inside masks and values (zero outside)."""
+    height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
+    width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
+    start = tl.load(starts_ptr + level).to(tl.int32)
     x = tl.load(locations_ptr + 2 * index, mask=row_mask, other=0.0).to(tl.float32)
     y = tl.load(locations_ptr + 2 * index + 1, mask=row_mask, other=0.0).to(tl.float32)
     weight = tl.load(weights_ptr + index, mask=row_mask, other=0.0).to(tl.float32)
@@ -51,14 +97,20 @@ def _sampling_point(locations_ptr, weights_ptr, index, row_mask, height, width, 
     right = row_mask & (x0 >= -1) & (x0 < width - 1)
     top = (y0 >= 0) & (y0 < height)
     bottom = (y0 >= -1) & (y0 < height - 1)
-    corner = value_rows + (start + y0 * width + x0).to(tl.int64) * row_stride
-    return x - x_low, y - y_low, weight, width_f, height_f, corner, left, right, top, bottom
-
-
-@triton.jit
-def _load_rows(value_ptr, offsets, mask, channels, d_mask):
-    return tl.load(value_ptr + offsets[:, None] + channels[None, :], mask=mask[:, None] & d_mask[None, :],
-                   other=0.0).to(tl.float32)
+    token = start + y0 * width + x0
+    if WIDE:
+        token = token.to(tl.int64)
+    o00 = value_rows + token * row_stride
+    o01 = o00 + row_stride
+    o10 = o00 + width * row_stride
+    o11 = o10 + row_stride
+    m00, m01, m10, m11 = left & top, right & top, left & bottom, right & bottom
+    v00 = _load_rows(value_ptr, o00, m00, channels, d_mask, EVEN_D)
+    v01 = _load_rows(value_ptr, o01, m01, channels, d_mask, EVEN_D)
+    v10 = _load_rows(value_ptr, o10, m10, channels, d_mask, EVEN_D)
+    v11 = _load_rows(value_ptr, o11, m11, channels, d_mask, EVEN_D)
+    return (x - x_low, y - y_low, weight, width_f, height_f, o00, o01, o10, o11, m00, m01, m10, m11,
+            v00, v01, v10, v11)
 
 
 @triton.autotune(configs=_configs(heavy=False), key=["row_bucket", "HEADS", "HEAD_DIM", "LEVELS", "POINTS"])
@@ -67,36 +119,24 @@ def _msda_forward_kernel(
     value_ptr, shapes_ptr, starts_ptr, locations_ptr, weights_ptr, out_ptr,
     num_rows, num_queries, num_tokens, row_bucket,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, LEVELS: tl.constexpr, POINTS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    WIDE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # A row is one (image, query, head): value (B, S, heads, D), locations (B, Q, heads, L, P, 2),
-    # weights (B, Q, heads, L, P) and out (B, Q, heads * D) are all row-major in that order.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < num_rows
-    channels = tl.arange(0, BLOCK_D)
-    d_mask = channels < HEAD_DIM
-    row_stride = HEADS * HEAD_DIM
-    value_rows = ((rows // (num_queries * HEADS)) * num_tokens * HEADS + rows % HEADS) * HEAD_DIM
+    rows, row_mask, channels, d_mask, value_rows = _row_block(
+        num_rows, num_queries, num_tokens, HEADS, HEAD_DIM, BLOCK_R, BLOCK_D, WIDE, ALIGN)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for level in tl.static_range(LEVELS):
-        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-        start = tl.load(starts_ptr + level).to(tl.int32)
-        for point in tl.static_range(POINTS):
-            lx, ly, weight, _, _, corner, left, right, top, bottom = _sampling_point(
-                locations_ptr, weights_ptr, rows * (LEVELS * POINTS) + level * POINTS + point, row_mask,
-                height, width, start, value_rows, row_stride,
+    for level in range(LEVELS):
+        for point in range(POINTS):
+            lx, ly, weight, _, _, _, _, _, _, _, _, _, _, v00, v01, v10, v11 = _sampling_point(
+                value_ptr, shapes_ptr, starts_ptr, locations_ptr, weights_ptr, level,
+                rows * (LEVELS * POINTS) + level * POINTS + point, row_mask, value_rows, channels, d_mask,
+                HEADS * HEAD_DIM, WIDE, BLOCK_D == HEAD_DIM,
             )
-            below = corner + width * row_stride
-            v00 = _load_rows(value_ptr, corner, left & top, channels, d_mask)
-            v01 = _load_rows(value_ptr, corner + row_stride, right & top, channels, d_mask)
-            v10 = _load_rows(value_ptr, below, left & bottom, channels, d_mask)
-            v11 = _load_rows(value_ptr, below + row_stride, right & bottom, channels, d_mask)
             upper = v00 + (v01 - v00) * lx[:, None]
             lower = v10 + (v11 - v10) * lx[:, None]
             acc += (upper + (lower - upper) * ly[:, None]) * weight[:, None]
     out_offsets = rows[:, None] * HEAD_DIM + channels[None, :]
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty),
+             mask=_tile_mask(row_mask, d_mask, BLOCK_D == HEAD_DIM))
 
 
 @triton.autotune(configs=_configs(heavy=True), key=["row_bucket", "HEADS", "HEAD_DIM", "LEVELS", "POINTS"],
@@ -107,35 +147,25 @@ def _msda_backward_kernel(
     grad_value_ptr, grad_locations_ptr, grad_weights_ptr,
     num_rows, num_queries, num_tokens, row_bucket,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, LEVELS: tl.constexpr, POINTS: tl.constexpr,
-    VALUE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    WIDE: tl.constexpr, ALIGN: tl.constexpr, VALUE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < num_rows
-    channels = tl.arange(0, BLOCK_D)
-    d_mask = channels < HEAD_DIM
-    row_stride = HEADS * HEAD_DIM
-    value_rows = ((rows // (num_queries * HEADS)) * num_tokens * HEADS + rows % HEADS) * HEAD_DIM
-    grad_out = _load_rows(grad_out_ptr, rows * HEAD_DIM, row_mask, channels, d_mask)
-    for level in tl.static_range(LEVELS):
-        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-        start = tl.load(starts_ptr + level).to(tl.int32)
-        for point in tl.static_range(POINTS):
+    rows, row_mask, channels, d_mask, value_rows = _row_block(
+        num_rows, num_queries, num_tokens, HEADS, HEAD_DIM, BLOCK_R, BLOCK_D, WIDE, ALIGN)
+    grad_out = _load_rows(grad_out_ptr, rows * HEAD_DIM, row_mask, channels, d_mask, BLOCK_D == HEAD_DIM)
+    for level in range(LEVELS):
+        for point in range(POINTS):
             index = rows * (LEVELS * POINTS) + level * POINTS + point
-            lx, ly, weight, width_f, height_f, corner, left, right, top, bottom = _sampling_point(
-                locations_ptr, weights_ptr, index, row_mask, height, width, start, value_rows, row_stride,
+            lx, ly, weight, width_f, height_f, o00, o01, o10, o11, m00, m01, m10, m11, v00, v01, v10, v11 = (
+                _sampling_point(value_ptr, shapes_ptr, starts_ptr, locations_ptr, weights_ptr, level, index,
+                                row_mask, value_rows, channels, d_mask, HEADS * HEAD_DIM, WIDE,
+                                BLOCK_D == HEAD_DIM)
             )
             hx = 1.0 - lx
             hy = 1.0 - ly
-            below = corner + width * row_stride
-            v00 = _load_rows(value_ptr, corner, left & top, channels, d_mask)
-            v01 = _load_rows(value_ptr, corner + row_stride, right & top, channels, d_mask)
-            v10 = _load_rows(value_ptr, below, left & bottom, channels, d_mask)
-            v11 = _load_rows(value_ptr, below + row_stride, right & bottom, channels, d_mask)
-            # d sample / d x and d y in pixels, and the sample itself
+            # the sample and its derivatives along x and y (in pixels)
+            sample = (v00 * hx[:, None] + v01 * lx[:, None]) * hy[:, None] + (v10 * hx[:, None] + v11 * lx[:, None]) * ly[:, None]
             d_x = (v01 - v00) * hy[:, None] + (v11 - v10) * ly[:, None]
             d_y = (v10 - v00) * hx[:, None] + (v11 - v01) * lx[:, None]
-            sample = (v00 * hx[:, None] + v01 * lx[:, None]) * hy[:, None] + (v10 * hx[:, None] + v11 * lx[:, None]) * ly[:, None]
             grad_weight = tl.sum(grad_out * sample, axis=1)
             grad_x = tl.sum(grad_out * d_x, axis=1) * weight * width_f
             grad_y = tl.sum(grad_out * d_y, axis=1) * weight * height_f
@@ -143,17 +173,12 @@ def _msda_backward_kernel(
             location_dtype = grad_locations_ptr.dtype.element_ty
             tl.store(grad_locations_ptr + 2 * index, grad_x.to(location_dtype), mask=row_mask)
             tl.store(grad_locations_ptr + 2 * index + 1, grad_y.to(location_dtype), mask=row_mask)
-            if VALUE_GRAD:
+            if VALUE_GRAD:  # scattered into a float32 buffer of value's layout
                 scaled = grad_out * weight[:, None]
-                d_mask_2d = d_mask[None, :]
-                tl.atomic_add(grad_value_ptr + corner[:, None] + channels[None, :], scaled * (hy * hx)[:, None],
-                              mask=(left & top)[:, None] & d_mask_2d)
-                tl.atomic_add(grad_value_ptr + (corner + row_stride)[:, None] + channels[None, :],
-                              scaled * (hy * lx)[:, None], mask=(right & top)[:, None] & d_mask_2d)
-                tl.atomic_add(grad_value_ptr + below[:, None] + channels[None, :], scaled * (ly * hx)[:, None],
-                              mask=(left & bottom)[:, None] & d_mask_2d)
-                tl.atomic_add(grad_value_ptr + (below + row_stride)[:, None] + channels[None, :],
-                              scaled * (ly * lx)[:, None], mask=(right & bottom)[:, None] & d_mask_2d)
+                _scatter_rows(grad_value_ptr, o00, m00, channels, d_mask, scaled * (hy * hx)[:, None], BLOCK_D == HEAD_DIM)
+                _scatter_rows(grad_value_ptr, o01, m01, channels, d_mask, scaled * (hy * lx)[:, None], BLOCK_D == HEAD_DIM)
+                _scatter_rows(grad_value_ptr, o10, m10, channels, d_mask, scaled * (ly * hx)[:, None], BLOCK_D == HEAD_DIM)
+                _scatter_rows(grad_value_ptr, o11, m11, channels, d_mask, scaled * (ly * lx)[:, None], BLOCK_D == HEAD_DIM)
 
 
 def _launch(kernel, value: Tensor, locations: Tensor, *args, **kwargs) -> None:
@@ -166,6 +191,7 @@ def _launch(kernel, value: Tensor, locations: Tensor, *args, **kwargs) -> None:
         num_rows=num_rows, num_queries=num_queries, num_tokens=num_tokens,
         row_bucket=num_rows.bit_length(),  # autotune once per power of two of the work
         HEADS=heads, HEAD_DIM=head_dim, LEVELS=levels, POINTS=points, BLOCK_D=triton.next_power_of_2(head_dim),
+        WIDE=max(value.numel(), locations.numel()) >= 2**31, ALIGN=head_dim & -head_dim,
     )
     if INTERPRETED:
         block = min(triton.next_power_of_2(num_rows), 4096)
