@@ -14,6 +14,9 @@ through Triton's interpreter; the tests check them that way against the PyTorch 
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +25,10 @@ from torch import Tensor
 __all__ = ["INTERPRETED", "ms_deform_attn_triton"]
 
 #: whether the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``) rather than compiled
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+INTERPRETED: bool = (
+    bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")  # Triton >= 3.4
+    else os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
+)
 
 
 def _configs(heavy: bool) -> list[triton.Config]:
@@ -196,7 +202,8 @@ def _launch(kernel, value: Tensor, locations: Tensor, *args, **kwargs) -> None:
     if INTERPRETED:
         block = min(triton.next_power_of_2(num_rows), 4096)
         kernel.fn[(triton.cdiv(num_rows, block),)](*args, BLOCK_R=block, **kwargs)
-    else:
+        return
+    with torch.cuda.device(value.device) if value.is_cuda else contextlib.nullcontext():  # Triton uses the current one
         kernel[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_R"]),)](*args, **kwargs)
 
 
