@@ -8,7 +8,8 @@ from focalnet_pl import cpu_fastpath, create_focalnet
 
 @pytest.fixture(autouse=True)
 def fast_paths_on():
-    """The tests below check where the fast paths may apply: take them without measuring."""
+    """The tests below check where the fast paths may apply: take them without measuring (the tests of
+    ``auto`` mode switch to it)."""
     previous = cpu_fastpath.set_mode("on")
     yield
     cpu_fastpath.set_mode(previous)
