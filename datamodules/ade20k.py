@@ -19,12 +19,16 @@ from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
 from datamodules.coco_panoptic import PanopticDataModule
 from datamodules.demo_shapes import ADE_CLASS_NAMES, ensure_demo_shapes
-from datamodules.image_io import list_image_files
+from datamodules.image_io import DataNotFoundError, list_image_files, missing_data_message
 from datamodules.segmentation import Augmentation, SegmentationClasses, SegmentationDataModule
 
 __all__ = ["ADE20KPanopticDataModule", "ADE20KSemanticDataModule", "list_ade_pairs"]
 
 _ADE_SPLITS = {"train": "training", "val": "validation", "test": "validation"}
+#: named in missing-data errors
+ADE_SEMANTIC_LAYOUT = ("  <root>/ADEChallengeData2016/images/{training,validation}/<image files>\n"
+                       "  <root>/ADEChallengeData2016/annotations/{training,validation}/<label PNGs, same names>")
+ADE_ROOT_OPTION = "--data.init_args.root to the folder holding ADEChallengeData2016/"
 
 
 def list_ade_pairs(dataset_root: str | Path, split: str) -> list[dict]:
@@ -34,10 +38,10 @@ def list_ade_pairs(dataset_root: str | Path, split: str) -> list[dict]:
     label_dir = dataset_root / "annotations" / split
     for folder in (image_dir, label_dir):
         if not folder.is_dir():
-            raise FileNotFoundError(f"ADE20K folder {folder} does not exist")
+            raise DataNotFoundError(missing_data_message(f"ADE20K folder {folder}", ADE_SEMANTIC_LAYOUT, ADE_ROOT_OPTION))
     images, _ = list_image_files(image_dir, recursive=False)
     if not images:
-        raise FileNotFoundError(f"no images in {image_dir}")
+        raise DataNotFoundError(f"no images in {image_dir}")
     records = []
     for image in images:
         label = label_dir / f"{image.stem}.png"
@@ -77,6 +81,8 @@ class ADE20KSemanticDataModule(SegmentationDataModule):
                          predict_images, batch_size, eval_batch_size, num_workers)
         if root is None and not demo:
             raise ValueError("ADE20KSemanticDataModule needs root=... or demo=True")
+        if not demo and not Path(root).is_dir():
+            raise DataNotFoundError(missing_data_message(f"ADE20K root folder {root}", ADE_SEMANTIC_LAYOUT, ADE_ROOT_OPTION))
         self._demo_root = Path(root or "data/demo_shapes") if demo else None
         self.dataset_root = (self._demo_root / "ade" if demo else Path(root)) / "ADEChallengeData2016"  # type: ignore[arg-type]
         if class_names is None:
@@ -99,6 +105,11 @@ class ADE20KSemanticDataModule(SegmentationDataModule):
 class ADE20KPanopticDataModule(PanopticDataModule):
     """ADE20K panoptic (150 categories: 100 things, 50 stuff) under ``root/ADEChallengeData2016``."""
 
+    data_layout = ("  <root>/ADEChallengeData2016/ade20k_panoptic_{{train,val}}.json\n"
+                   "  <root>/ADEChallengeData2016/images/{{training,validation}}/<image files>\n"
+                   "  <root>/ADEChallengeData2016/ade20k_panoptic_{{train,val}}/<PNG files>")
+    data_option = ADE_ROOT_OPTION
+
     def __init__(
         self,
         root: str,
@@ -114,6 +125,8 @@ class ADE20KPanopticDataModule(PanopticDataModule):
         eval_batch_size: int = 1,
         num_workers: int = 4,
     ) -> None:
+        if not Path(root).is_dir():
+            raise self._data_not_found(f"ADE20K root folder {root}")
         base = Path(root) / "ADEChallengeData2016"
         super().__init__(
             train_json=str(base / "ade20k_panoptic_train.json"),

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
@@ -28,13 +27,15 @@ from detectron2.data import detection_utils as d2_utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from pycocotools import mask as mask_utils
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.demo_shapes import ensure_demo_shapes
-from datamodules.image_io import list_image_files, read_image_rgb
+from datamodules.image_io import DataNotFoundError, missing_data_message, predict_image_files, read_image_rgb
+from datamodules.loading import GuardedLoader, ResumableDataModule
 
 __all__ = [
     "COCODataModule",
+    "BoxOnlyAnnotationsWarning",
     "COCOInstanceMapper",
     "DroppedAnnotationsWarning",
     "ListOfDictsDataModule",
@@ -42,6 +43,7 @@ __all__ = [
     "RandomChoice",
     "build_augmentations",
     "load_coco_instances",
+    "load_image_info",
     "register_coco_instances",
 ]
 
@@ -49,10 +51,20 @@ log = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "test"]
 Augmentation = Literal["multiscale", "detr", "none"]
+#: the folder tree of ``COCODataModule(root=...)`` (named in its missing-data errors)
+COCO_LAYOUT = (
+    "  <root>/annotations/instances_train2017.json, instances_val2017.json\n"
+    "  <root>/train2017/<image files>\n"
+    "  <root>/val2017/<image files>"
+)
 
 
 class DroppedAnnotationsWarning(UserWarning):
     """Some annotations of a json were unusable and were dropped (one warning per file, with counts)."""
+
+
+class BoxOnlyAnnotationsWarning(UserWarning):
+    """Some annotations of a json have a box but no mask while others have one (one warning per file)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,21 +79,23 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
-def _read_json(json_file: Path) -> dict:
+def _read_json(json_file: Path, sections: tuple[str, ...] = ("images", "annotations", "categories"),
+               kind: str = "COCO annotation") -> dict:
+    """The json's data, checked to hold the list ``sections`` (a non-empty ``categories`` when listed)."""
     if not json_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {json_file}")
+        raise DataNotFoundError(f"{kind} file not found: {json_file}")
     try:
         with open(json_file) as handle:
             data = json.load(handle)
     except json.JSONDecodeError as error:
-        raise ValueError(f"malformed COCO annotation json {json_file}: {error}") from error
+        raise ValueError(f"malformed {kind} json {json_file}: {error}") from error
     if not isinstance(data, dict):
-        raise ValueError(f"malformed COCO annotation json {json_file}: top level must be an object")
-    for section in ("images", "annotations", "categories"):
+        raise ValueError(f"malformed {kind} json {json_file}: top level must be an object")
+    for section in sections:
         if not isinstance(data.get(section), list):
-            raise ValueError(f"malformed COCO annotation json {json_file}: missing list {section!r}")
-    if not data["categories"]:
-        raise ValueError(f"malformed COCO annotation json {json_file}: 'categories' is empty")
+            raise ValueError(f"malformed {kind} json {json_file}: missing list {section!r}")
+    if "categories" in sections and not data["categories"]:
+        raise ValueError(f"malformed {kind} json {json_file}: 'categories' is empty")
     return data
 
 
@@ -112,7 +126,7 @@ def _parse_images(json_file: Path, images: list, image_root: Path) -> dict[int, 
             raise ValueError(f"duplicate image id {image['id']} in {where}")
         name = image["file_name"]
         if name not in present and not (image_root / name).is_file():
-            raise FileNotFoundError(f"image file {image_root / name} of {where} does not exist")
+            raise DataNotFoundError(f"image file {image_root / name} of {where} does not exist")
         parsed[image["id"]] = image
     return parsed
 
@@ -206,6 +220,17 @@ def load_coco_instances(json_file: str | Path, image_root: str | Path) -> tuple[
             record["segmentation"] = segm
         per_image[image["id"]].append(record)
 
+    box_only = [ann.get("id", f"#{index}") for index, ann in enumerate(data["annotations"])
+                if not ann.get("segmentation") and not ann.get("iscrowd", 0)]
+    if box_only and len(box_only) < len(data["annotations"]):
+        message = (
+            f"{json_file}: {len(box_only)} of {len(data['annotations'])} annotations have a box but no segmentation "
+            f"(ids {box_only[:10]}{' ...' if len(box_only) > 10 else ''}): Mask R-CNN trains its mask head on the "
+            "objects that have a mask (boxes train the rest), and mask AP treats box-only objects as ignore regions"
+        )
+        log.warning(message)
+        warnings.warn(message, BoxOnlyAnnotationsWarning, stacklevel=2)
+
     dropped = sum(v for k, v in drops.items() if k.startswith(("degenerate", "box outside", "annotations left")))
     if drops:
         detail = ", ".join(f"{count} {reason}" for reason, count in sorted(drops.items()))
@@ -223,6 +248,22 @@ def load_coco_instances(json_file: str | Path, image_root: str | Path) -> tuple[
             "image_id": image_id,
             "annotations": per_image[image_id],
         })
+    return records, categories
+
+
+def load_image_info(json_file: str | Path, image_root: str | Path) -> tuple[list[dict], list[dict]]:
+    """Predict records (``file_name``, ``image_id``, ``height``, ``width``) of the images listed by a COCO
+    image-info json and its categories (empty when it has none).
+
+    That json (e.g. COCO's ``image_info_test-dev2017.json``) gives the image ids an evaluation server
+    scores; every image it lists must be in ``image_root`` (other files there are not predicted).
+    """
+    json_file, image_root = Path(json_file), Path(image_root)
+    data = _read_json(json_file, ("images",), kind="COCO image-info")
+    categories = _parse_categories(json_file, data.get("categories") or [])
+    images = _parse_images(json_file, data["images"], image_root)
+    records = [{"file_name": str(image_root / image["file_name"]), "image_id": image_id,
+                "height": image["height"], "width": image["width"]} for image_id, image in sorted(images.items())]
     return records, categories
 
 
@@ -321,7 +362,9 @@ class COCOInstanceMapper:
     Reads the image in ``image_format`` (errors name the file and image id), applies
     ``augmentations`` and, in training, builds ``instances`` (``gt_boxes``, ``gt_classes``,
     ``gt_masks`` when ``use_masks``) from the non-crowd annotations; crowd regions are left out of
-    training, as in COCO practice (the evaluation treats them as ignore regions).
+    training, as in COCO practice (the evaluation treats them as ignore regions). When some
+    annotations of an image have no mask, those get an empty one and ``gt_has_mask`` tells them
+    apart (see :mod:`focalnet_pl.d2.partial_masks`: the mask head does not learn from them).
     """
 
     def __init__(self, augmentations: list[T.Augmentation], is_train: bool, image_format: str = "RGB", use_masks: bool = True) -> None:
@@ -365,10 +408,17 @@ class COCOInstanceMapper:
                 # cropping polygons needs shapely; a mask is cropped exactly without it
                 ann["segmentation"] = _polygons_to_rle(ann["segmentation"], original_height, original_width)
         annotations = [d2_utils.transform_instance_annotations(a, transforms, image.shape[:2]) for a in annotations]
+        has_mask = ["segmentation" in a for a in annotations]
+        box_only = self.use_masks and not all(has_mask)
+        if box_only:
+            for ann in annotations:
+                ann.setdefault("segmentation", [])  # an empty mask, left out of the mask loss by gt_has_mask
         all_polygons = all(isinstance(a.get("segmentation", []), list) for a in annotations)
         instances = d2_utils.annotations_to_instances(
             annotations, image.shape[:2], mask_format="polygon" if all_polygons else "bitmask"
         )
+        if box_only:
+            instances.gt_has_mask = torch.tensor(has_mask, dtype=torch.bool)
         output["instances"] = d2_utils.filter_empty_instances(instances, by_mask=False)
         return output
 
@@ -392,7 +442,7 @@ def collate_as_list(batch: list[dict]) -> list[dict]:
     return batch
 
 
-class ListOfDictsDataModule(L.LightningDataModule):
+class ListOfDictsDataModule(ResumableDataModule):
     """Base of the detectron2-format datamodules: the :class:`MappedDataset` of each split, set up in
     ``self._datasets``, served in detectron2's batches (lists of per-image dicts); shuffled, dropping
     the last batch, when training. Images are decoded in the loader's worker processes and, when CUDA is
@@ -405,13 +455,13 @@ class ListOfDictsDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self._datasets: dict[str, MappedDataset] = {}
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool = False) -> GuardedLoader:
         if split not in self._datasets:
             raise ValueError(f"no {split} dataset: is it configured, and was setup() called for this stage?")
-        return DataLoader(
-            self._datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            drop_last=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            collate_fn=collate_as_list, pin_memory=torch.cuda.is_available(),
+        return self.loader(
+            self._datasets[split], f"{split}_dataloader", self.batch_size if train else self.eval_batch_size,
+            train=train, drop_last=train, collate_fn=collate_as_list, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -423,17 +473,17 @@ class ListOfDictsDataModule(L.LightningDataModule):
         return [{key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
                  for key, value in record.items()} for record in batch]
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> GuardedLoader:
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+    def val_dataloader(self) -> GuardedLoader:
+        return self._loader("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+    def test_dataloader(self) -> GuardedLoader:
+        return self._loader("test")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", train=False)
+    def predict_dataloader(self) -> GuardedLoader:
+        return self._loader("predict")
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,12 +497,15 @@ class COCODataModule(ListOfDictsDataModule):
     ``{split}_images`` (these win over ``root``). ``test`` defaults to the val split; ``predict``
     uses ``predict_images`` (a folder, recursively) or else the val split. ``demo=True`` generates
     the demo shapes dataset (under ``root``, default ``data/demo_shapes``) and uses its COCO part.
+    Missing data raises :class:`~datamodules.image_io.DataNotFoundError` naming the layout and the option.
 
     Args:
         augmentation, train_min_sizes, train_max_size, crop_resize_sizes, crop_size,
         test_min_size, test_max_size: see :func:`build_augmentations`.
         image_format: channel order given to the model; must equal the model's ``INPUT.FORMAT``.
         use_masks: give instance masks to the model (Mask R-CNN); off for box-only detectors.
+        predict_image_info: COCO image-info json (e.g. ``image_info_test-dev2017.json``) giving the ids of
+            the ``predict_images`` files; predict then runs on the images it lists, with their ids.
         batch_size: training images per device; ``eval_batch_size`` for val/test/predict.
     """
 
@@ -466,6 +519,7 @@ class COCODataModule(ListOfDictsDataModule):
         test_json: str | None = None,
         test_images: str | None = None,
         predict_images: str | None = None,
+        predict_image_info: str | None = None,
         demo: bool = False,
         augmentation: Augmentation = "multiscale",
         train_min_sizes: Sequence[int] = tuple(range(480, 801, 32)),
@@ -484,6 +538,11 @@ class COCODataModule(ListOfDictsDataModule):
         self.save_hyperparameters()
         if not demo and root is None and not (train_json or val_json or test_json or predict_images):
             raise ValueError("COCODataModule needs root=..., explicit {split}_json/{split}_images, or demo=True")
+        if root is not None and not demo and not Path(root).is_dir():
+            raise DataNotFoundError(missing_data_message(f"COCO root folder {root}", COCO_LAYOUT,
+                                                         "--data.init_args.root to your COCO folder"))
+        if predict_image_info is not None and predict_images is None:
+            raise ValueError("predict_image_info needs predict_images: the folder of the images it lists")
         self._root = root
         self._demo = demo
         self._explicit = {
@@ -495,6 +554,7 @@ class COCODataModule(ListOfDictsDataModule):
             if (json_file is None) != (images is None):
                 raise ValueError(f"give both {split}_json and {split}_images, or neither")
         self._names: dict[str, str] = {}
+        self._predict_categories: list[dict] = []
 
     # ---- paths and catalog ------------------------------------------------------------------
     def _coco_root(self) -> Path | None:
@@ -521,8 +581,25 @@ class COCODataModule(ListOfDictsDataModule):
             paths = self.split_paths(split)
             if paths is None:
                 raise ValueError(f"no {split} data configured: set root, demo or {split}_json/{split}_images")
-            self._names[split] = register_coco_instances(*paths, split=split)
+            json_file, images = paths
+            missing = [f"{kind} {path}" for kind, path, present in (
+                ("annotation file", json_file, json_file.is_file()), ("image folder", images, images.is_dir())
+            ) if not present]
+            if missing:
+                raise DataNotFoundError(missing_data_message(
+                    f"COCO {split} " + " and ".join(missing), COCO_LAYOUT, self._split_option(split)
+                ))
+            self._names[split] = register_coco_instances(json_file, images, split=split)
         return self._names[split]
+
+    def _split_option(self, split: Split) -> str:
+        """The command-line options that give ``split``'s data (for error messages)."""
+        explicit = f"--data.init_args.{split}_json and --data.init_args.{split}_images"
+        if self._explicit[split][0] is not None:
+            return explicit
+        if split == "test":
+            return f"{self._split_option('val')} (test reads the val split unless {explicit} are set)"
+        return f"--data.init_args.root to your COCO folder, or {explicit}"
 
     def dataset_metadata(self, split: Split) -> Metadata:
         """detectron2 metadata of ``split`` (loads the split to fill the category fields)."""
@@ -564,6 +641,12 @@ class COCODataModule(ListOfDictsDataModule):
     def _split_dataset(self, split: Split) -> MappedDataset:
         records = DatasetCatalog.get(self.dataset_name(split))
         self._check_same_classes(split)
+        if split == "train" and self.hparams.use_masks and not any("segmentation" in a for r in records for a in r["annotations"]):
+            warnings.warn(
+                f"use_masks=True but no annotation of {self.split_paths(split)[0]} has a segmentation: a mask head "
+                "learns nothing from it (box-only data: set --data.init_args.use_masks false and MODEL.MASK_ON false)",
+                BoxOnlyAnnotationsWarning, stacklevel=2,
+            )
         return MappedDataset(records, self._mapper(is_train=split == "train"))
 
     def _check_same_classes(self, split: Split) -> None:
@@ -590,8 +673,31 @@ class COCODataModule(ListOfDictsDataModule):
         folder = self.hparams.predict_images
         if folder is None:
             return MappedDataset(DatasetCatalog.get(self.dataset_name("val")), self._mapper(is_train=False))
-        images, _ = list_image_files(folder)
-        if not images:
-            raise FileNotFoundError(f"no image files found in predict_images folder {folder}")
-        records = [{"file_name": str(path), "image_id": index + 1} for index, path in enumerate(images)]
+        if self.hparams.predict_image_info is not None:
+            records, self._predict_categories = load_image_info(self.hparams.predict_image_info, folder)
+        else:
+            images = predict_image_files(folder)
+            records = [{"file_name": str(path), "image_id": index + 1} for index, path in enumerate(images)]
         return MappedDataset(records, self._mapper(is_train=False))
+
+    @property
+    def predict_split_name(self) -> str | None:
+        """The COCO split whose image ids the predict images carry (``test-dev2017`` for
+        ``image_info_test-dev2017.json``, ``val2017`` when predicting on the val split); ``None`` when
+        the ids are only the images' running number (a folder without ``predict_image_info``)."""
+        if self.hparams.predict_images is None:
+            json_file = self.split_paths("val")[0] if self.split_paths("val") else None
+        else:
+            json_file = self.hparams.predict_image_info
+        if json_file is None:
+            return None
+        stem = Path(json_file).stem
+        for prefix in ("image_info_", "instances_"):
+            stem = stem.removeprefix(prefix)
+        return stem
+
+    @property
+    def predict_categories(self) -> list[dict]:
+        """Categories (``id``, ``name``) of ``predict_image_info`` once set up for predict (empty without
+        one, or when it lists none)."""
+        return self._predict_categories

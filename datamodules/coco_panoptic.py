@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from datamodules.demo_shapes import ensure_demo_shapes
+from datamodules.image_io import DataNotFoundError, missing_data_message
 from datamodules.segmentation import Augmentation, SegmentationClasses, SegmentationDataModule
 
 __all__ = ["COCOPanopticDataModule", "PanopticDataModule", "load_panoptic_json"]
@@ -21,7 +22,7 @@ __all__ = ["COCOPanopticDataModule", "PanopticDataModule", "load_panoptic_json"]
 
 def _read_json(json_file: Path) -> dict:
     if not json_file.is_file():
-        raise FileNotFoundError(f"panoptic annotation file not found: {json_file}")
+        raise DataNotFoundError(f"panoptic annotation file not found: {json_file}")
     try:
         data = json.loads(json_file.read_text())
     except json.JSONDecodeError as error:
@@ -81,7 +82,7 @@ def load_panoptic_json(
         png_file = panoptic_root / annotation["file_name"]
         for path in (image_file, png_file):
             if not path.is_file():
-                raise FileNotFoundError(f"{path} (from {where}) does not exist")
+                raise DataNotFoundError(f"{path} (from {where}) does not exist")
         records.append({
             "file_name": str(image_file),
             "pan_seg_file_name": str(png_file),
@@ -101,6 +102,10 @@ class PanopticDataModule(SegmentationDataModule):
 
     task = "panoptic"
     seg_pad_value = 0
+    #: named in missing-data errors (``{split}`` is filled in): the files expected and the options that give them
+    data_layout = ("  {split}_json: panopticapi json (images, annotations, categories)\n"
+                   "  {split}_images: folder of the images\n  {split}_panoptic: folder of the panoptic PNGs")
+    data_option = "--data.init_args.{split}_json, --data.init_args.{split}_images and --data.init_args.{split}_panoptic"
 
     def __init__(
         self,
@@ -141,12 +146,28 @@ class PanopticDataModule(SegmentationDataModule):
     def _load(self, split: str) -> list[dict]:
         split = "val" if split == "test" else split
         if split not in self._records:
+            self._check_present(split)
             records, classes = load_panoptic_json(*self.split_paths(split))
             if self._classes is not None and classes.names != self._classes.names:
                 raise ValueError(f"categories of {self.split_paths(split)[0]} differ from those of the other split")
             self._classes = classes
             self._records[split] = records
         return self._records[split]
+
+    def _check_present(self, split: str) -> None:
+        json_file, images, panoptic = self.split_paths(split)
+        missing = [f"{kind} {path}" for kind, path, present in (
+            ("annotation file", json_file, json_file.is_file()), ("image folder", images, images.is_dir()),
+            ("panoptic PNG folder", panoptic, panoptic.is_dir()),
+        ) if not present]
+        if missing:
+            raise self._data_not_found(f"{type(self).__name__} {split} " + " and ".join(missing), split)
+
+    def _data_not_found(self, what: str, split: str = "train") -> DataNotFoundError:
+        """The error for missing data ``what``, with this datamodule's layout and option."""
+        return DataNotFoundError(missing_data_message(
+            what, self.data_layout.format(split=split), self.data_option.format(split=split)
+        ))
 
     def load_classes(self) -> SegmentationClasses:
         for split in ("train", "val"):
@@ -164,6 +185,10 @@ class COCOPanopticDataModule(PanopticDataModule):
     """COCO panoptic under ``root`` (standard layout, see the module docstring), or the generated demo
     shapes (``demo=True``; ``root`` defaults to ``data/demo_shapes``). Recipe defaults: large-scale jitter
     (0.1-2.0) with 1024 crops, evaluation at shortest side 800."""
+
+    data_layout = ("  <root>/annotations/panoptic_{{train,val}}2017.json\n  <root>/{{train,val}}2017/<image files>\n"
+                   "  <root>/panoptic_{{train,val}}2017/<PNG files>")
+    data_option = "--data.init_args.root to your COCO folder"
 
     def __init__(
         self,
@@ -183,6 +208,8 @@ class COCOPanopticDataModule(PanopticDataModule):
     ) -> None:
         if root is None and not demo:
             raise ValueError("COCOPanopticDataModule needs root=... or demo=True")
+        if not demo and not Path(root).is_dir():
+            raise self._data_not_found(f"COCO root folder {root}")
         demo_root = Path(root or "data/demo_shapes") if demo else None
         coco = demo_root / "coco" if demo_root is not None else Path(root)  # type: ignore[arg-type]
         super().__init__(

@@ -27,6 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DataNotFoundError",
     "EmptyDatasetError",
     "ImageFilesDataset",
     "ImageReadError",
@@ -36,6 +37,8 @@ __all__ = [
     "collate_skip_unreadable",
     "find_class_folders",
     "list_image_files",
+    "missing_data_message",
+    "predict_image_files",
     "read_image_rgb",
     "read_image_tensor",
 ]
@@ -53,7 +56,18 @@ class ImageReadError(OSError, ValueError):
         self.reason = reason
 
 
-class EmptyDatasetError(FileNotFoundError):
+class DataNotFoundError(FileNotFoundError):
+    """Data a datamodule needs is not there; the message says what is missing, the layout expected
+    and the option to set (``cli.py`` prints it without a traceback)."""
+
+
+def missing_data_message(what: str, layout: str, option: str) -> str:
+    """The text of a :class:`DataNotFoundError`: ``what`` is missing (e.g. ``"COCO annotation file
+    /x/y.json"``), the ``layout`` expected (indented lines) and the command-line ``option`` to set."""
+    return f"Data not found: {what}.\nExpected layout:\n{layout}\nSet {option}."
+
+
+class EmptyDatasetError(DataNotFoundError):
     """A dataset folder is missing, has no class folders, or a class folder has no images."""
 
 
@@ -136,6 +150,18 @@ def list_image_files(folder: str | os.PathLike, recursive: bool = True) -> tuple
                 continue
             (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(path)
     return images, others
+
+
+def predict_image_files(folder: str | os.PathLike, option: str = "--data.init_args.predict_images") -> list[Path]:
+    """The image files under ``folder`` (recursively, sorted) for ``predict``; a :class:`DataNotFoundError`
+    naming ``option`` when the folder is missing or holds no images."""
+    folder = Path(folder)
+    images, _ = list_image_files(folder) if folder.is_dir() else ([], [])
+    if not images:
+        state = "holds no image files" if folder.is_dir() else "does not exist"
+        raise DataNotFoundError(f"predict image folder {folder} {state} ({', '.join(IMAGE_EXTENSIONS)}). "
+                                f"Set {option} to a folder of images.")
+    return images
 
 
 def find_class_folders(split_dir: str | os.PathLike) -> list[str]:

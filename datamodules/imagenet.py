@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from datamodules.demo_shapes import ensure_demo_shapes
@@ -25,7 +23,9 @@ from datamodules.image_io import (
     SafeImageFolder,
     collate_skip_unreadable,
     find_class_folders,
+    missing_data_message,
 )
+from datamodules.loading import GuardedLoader, ResumableDataModule
 
 __all__ = ["DemoShapesDataModule", "ImageNetDataModule", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
+#: the folder tree :class:`ImageNetDataModule` reads (named in its missing-data errors)
+IMAGE_FOLDER_LAYOUT = "  <root>/train/<class_name>/<image files>\n  <root>/val/<class_name>/<image files>"
+ROOT_OPTION = "--data.init_args.root to the folder holding the split folders (train/, val/)"
 
 
 def build_train_transform(
@@ -89,7 +92,7 @@ def build_eval_transform(
     ])
 
 
-class ImageNetDataModule(LightningDataModule):
+class ImageNetDataModule(ResumableDataModule):
     """Classification data from an ImageFolder tree ``root/{train_split,val_split}/<class>/<images>``.
 
     ``num_classes`` and ``class_names`` are known right after construction (read from the class
@@ -155,7 +158,7 @@ class ImageNetDataModule(LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.root = Path(root)
         if not self.root.is_dir():
-            raise EmptyDatasetError(f"dataset root {self.root} does not exist")
+            raise EmptyDatasetError(missing_data_message(f"dataset root {self.root}", IMAGE_FOLDER_LAYOUT, ROOT_OPTION))
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -169,10 +172,10 @@ class ImageNetDataModule(LightningDataModule):
         if not label_split.is_dir():
             label_split = self.root / val_split
             if not label_split.is_dir():
-                raise EmptyDatasetError(
-                    f"neither {self.root / train_split} nor {self.root / val_split} exists: "
-                    f"expected {self.root}/<split>/<class_name>/<image files>"
-                )
+                raise EmptyDatasetError(missing_data_message(
+                    f"split folder {self.root / train_split} (or {self.root / val_split})", IMAGE_FOLDER_LAYOUT,
+                    f"{ROOT_OPTION}, or --data.init_args.train_split / val_split",
+                ))
         self._class_names = find_class_folders(label_split)
         self.class_to_idx = {name: index for index, name in enumerate(self._class_names)}
 
@@ -201,7 +204,9 @@ class ImageNetDataModule(LightningDataModule):
     def _split_dataset(self, split: str, train: bool) -> SafeImageFolder:
         split_dir = self.root / split
         if not split_dir.is_dir():
-            raise EmptyDatasetError(f"split folder {split_dir} does not exist")
+            raise EmptyDatasetError(missing_data_message(
+                f"split folder {split_dir}", IMAGE_FOLDER_LAYOUT, f"{ROOT_OPTION}, or --data.init_args.<split>_split"
+            ))
         dataset = SafeImageFolder(
             split_dir,
             transform=self.train_transform if train else self.eval_transform,
@@ -230,39 +235,37 @@ class ImageNetDataModule(LightningDataModule):
                 self.predict_root, transform=self.eval_transform, on_error=self.on_corrupt_image
             )
 
-    def _loader(self, dataset, shuffle: bool, drop_last: bool = False, collate_fn=None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
+    def _loader(self, dataset, name: str, train: bool = False, collate_fn=None) -> GuardedLoader:
+        return self.loader(
+            dataset, name, self.batch_size, train=train,
+            # drop the ragged last training batch unless the dataset is smaller than one batch
+            drop_last=train and len(dataset) > self.batch_size,
+            collate_fn=collate_fn,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
-            drop_last=drop_last,
-            collate_fn=collate_fn,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> GuardedLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        # drop the ragged last batch unless the dataset is smaller than one batch
-        return self._loader(self.train_dataset, shuffle=True, drop_last=len(self.train_dataset) > self.batch_size)
+        return self._loader(self.train_dataset, "train_dataloader", train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> GuardedLoader:
         if self.val_dataset is None:
             self.setup("validate")
-        return self._loader(self.val_dataset, shuffle=False)
+        return self._loader(self.val_dataset, "val_dataloader")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> GuardedLoader:
         if self.test_dataset is None:
             self.setup("test")
-        return self._loader(self.test_dataset, shuffle=False)
+        return self._loader(self.test_dataset, "test_dataloader")
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> GuardedLoader:
         if self.predict_dataset is None:
             self.setup("predict")
         collate = functools.partial(collate_skip_unreadable, empty_image_shape=(3, self.image_size, self.image_size))
-        return self._loader(self.predict_dataset, shuffle=False, collate_fn=collate)
+        return self._loader(self.predict_dataset, "predict_dataloader", collate_fn=collate)
 
 
 class DemoShapesDataModule(ImageNetDataModule):

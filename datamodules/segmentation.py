@@ -27,7 +27,7 @@ from detectron2.structures import Instances
 from PIL import Image
 
 from datamodules.coco import ListOfDictsDataModule, MappedDataset
-from datamodules.image_io import list_image_files, read_image_rgb
+from datamodules.image_io import predict_image_files, read_image_rgb
 
 __all__ = [
     "IGNORE_LABEL",
@@ -385,9 +385,7 @@ class SegmentationDataModule(ListOfDictsDataModule, ABC):
             if self.predict_images is None:
                 records = self.records("val")
             else:
-                images, _ = list_image_files(self.predict_images)
-                if not images:
-                    raise FileNotFoundError(f"no image files found in predict_images folder {self.predict_images}")
+                images = predict_image_files(self.predict_images)
                 records = [{"file_name": str(path), "image_id": path.stem} for path in images]
             self._datasets["predict"] = MappedDataset(records, self.mapper(is_train=False))
 

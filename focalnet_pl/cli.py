@@ -6,13 +6,22 @@ LightningDataModule), so one CLI serves classification, detection and segmentati
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from datamodules.image_io import DataNotFoundError
 
 CHECKPOINT_ALIASES = ("best", "last")
+
+#: the Trainer plugins every CLI run gets unless the config sets ``trainer.plugins`` (then list it there too)
+DEFAULT_PLUGINS = [{"class_path": "focalnet_pl.reliability.AtomicCheckpointIO"}]
 
 
 def run_root(trainer) -> str:
@@ -27,13 +36,14 @@ def run_root(trainer) -> str:
 
 
 def resolve_checkpoint_alias(root: str | Path, alias: str) -> Path:
-    """``best`` / ``last`` -> the file of the newest run under ``root`` (``lightning_logs/version_*``).
+    """``best`` / ``last`` -> a file of the newest run under ``root`` (``lightning_logs/version_*``).
 
     Lightning resolves these names only inside the process that trained; a later ``test`` or
-    ``predict`` (or a restart) finds them here. ``best`` is read from the ``ModelCheckpoint`` state
-    stored in that run's ``last.ckpt``.
+    ``predict`` (or a restart) finds them here. ``last`` is the newest ``checkpoints/last*.ckpt``
+    (``last-v1.ckpt`` when a configured ``ModelCheckpoint`` shares the folder with the task's
+    every-N-steps ``last.ckpt``); ``best`` is read from the ``ModelCheckpoint`` state stored in it.
     """
-    runs = sorted(Path(root).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    runs = sorted(Path(root).glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise FileNotFoundError(f"--ckpt_path {alias}: no checkpoints/last.ckpt under {Path(root).resolve()}")
     last = runs[-1]
@@ -48,28 +58,50 @@ def resolve_checkpoint_alias(root: str | Path, alias: str) -> Path:
 
 
 class FocalNetCLI(LightningCLI):
-    """LightningCLI with subclass mode for model and data, and config files saved next to the logs."""
+    """LightningCLI with subclass mode for model and data, config files saved next to the logs, atomic
+    checkpoint writes (:data:`DEFAULT_PLUGINS`), seed 0 unless the config sets another, and
+    ``--ckpt_path best|last`` resolved across processes (:func:`resolve_checkpoint_alias`)."""
 
-    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs) -> None:
+    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs["trainer_defaults"] = {"plugins": DEFAULT_PLUGINS} | kwargs.get("trainer_defaults", {})
+        quiet_lightning()
         super().__init__(
             subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
             parser_kwargs={"parser_mode": "omegaconf"} | kwargs.pop("parser_kwargs", {}), **kwargs,
         )
 
-    def _parse_ckpt_path(self) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then turn ``ckpt_path: best|last`` into the file (before Lightning reads its hyper-parameters)."""
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if subcommand:
-            section = self.config[subcommand]
-            alias = section.get("ckpt_path")
-            if alias in CHECKPOINT_ALIASES:
-                root = run_root(section.trainer)
-                try:
-                    section.ckpt_path = str(resolve_checkpoint_alias(root, alias))
-                except FileNotFoundError:
-                    if not (subcommand == "fit" and alias == "last"):  # fit: Lightning starts afresh
-                        raise
-        super()._parse_ckpt_path()
+        section = self.config[subcommand] if subcommand else None
+        alias = section.get("ckpt_path") if section is not None else None
+        if alias not in CHECKPOINT_ALIASES:
+            return
+        try:
+            section.ckpt_path = str(resolve_checkpoint_alias(run_root(section.trainer), alias))
+        except FileNotFoundError:
+            if not (subcommand == "fit" and alias == "last"):  # fit: Lightning starts afresh
+                raise
+
+
+def quiet_lightning() -> None:
+    """Silence, narrowly, what every run would print that tells the user nothing about their run.
+
+    * Lightning's promotional tips (litlogger, litmodels): info records starting with "💡 Tip:";
+    * the deprecation warning that Lightning's own pytree helper triggers with recent torch (2.14 here:
+      ``isinstance(treespec, LeafSpec)``): caused neither by the user's code nor by ours.
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_drop_promotional_tips)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+
+
+def _drop_promotional_tips(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip:")
 
 
 #: subcommands beyond Lightning's fit/validate/test/predict: name -> module with ``main(argv)``
@@ -78,17 +110,55 @@ EXTRA_COMMANDS = {
     "export": "focalnet_pl.export",
     "modulation-maps": "focalnet_pl.visualize.modulation",
     "consolidate": "focalnet_pl.distributed",
+    "zoo": "focalnet_pl.zoo",
+    "inspect": "focalnet_pl.describe",
 }
 
 
+#: set to 1 (or pass ``--debug``) to see the traceback of errors ``main`` otherwise prints as one message
+DEBUG_ENV = "FOCALNET_PL_DEBUG"
+#: exit status of a run stopped by missing data
+MISSING_DATA_EXIT_CODE = 2
+
+
+def _missing_data(error: BaseException) -> DataNotFoundError | None:
+    """The :class:`DataNotFoundError` behind ``error`` (itself or a cause: jsonargparse wraps the errors
+    of the classes it instantiates), else ``None``."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, DataNotFoundError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``cli.py`` and the ``focalnet-pl`` console script."""
-    args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] in EXTRA_COMMANDS:
-        importlib.import_module(EXTRA_COMMANDS[args[0]]).main(args[1:])
-        return
-    torch.set_float32_matmul_precision("high")
-    FocalNetCLI(args=args)
+    """Entry point of ``cli.py`` and the ``focalnet-pl`` console script (``args``: default ``sys.argv[1:]``).
+
+    Missing data (:class:`~datamodules.image_io.DataNotFoundError`) ends the run with its message on
+    stderr and exit status 2, without a traceback (``--debug`` or ``FOCALNET_PL_DEBUG=1`` shows it).
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    if "--debug" in argv:
+        argv = [arg for arg in argv if arg != "--debug"]
+        if args is None:
+            sys.argv = sys.argv[:1] + argv
+        else:
+            args = argv
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
+            return
+        torch.set_float32_matmul_precision("high")
+        FocalNetCLI(args=args)  # None: LightningCLI reads sys.argv itself (no "args and sys.argv" warning)
+    except Exception as error:
+        missing = _missing_data(error)
+        if debug or missing is None:
+            raise
+        print(f"error: {missing}\n(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+        sys.exit(MISSING_DATA_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,13 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from focalnet_pl.weights import CheckpointError, StateDict, resolve_source
+from focalnet_pl.weights import (
+    CheckpointError,
+    StateDict,
+    architecture_differences,
+    focalnet_architecture,
+    resolve_source,
+)
 
 __all__ = [
     "DETECTOR_LAYOUTS",
@@ -117,7 +123,7 @@ class DetectorLayout(Protocol):
 DETECTOR_LAYOUTS: list[DetectorLayout] = []
 
 #: Modules that register their layouts on import (imported by :func:`detect_detector_layout`).
-LAYOUT_MODULES: list[str] = []
+LAYOUT_MODULES: list[str] = ["focalnet_pl.d2.mmdet_weights"]
 
 #: Classes a detector checkpoint may pickle besides tensors (``args`` of the official DINO ``main.py``).
 SAFE_CHECKPOINT_GLOBALS: list[Any] = []
@@ -199,10 +205,15 @@ def _fit_class_rows(key: str, value: Tensor, target: Tensor, spec: ClassRows,
                   f"model {_class_count(spec, target.shape[spec.dim])}")
 
 
-def detect_detector_layout(checkpoint: Mapping[str, Any]) -> DetectorLayout:
-    """The first registered layout that recognises ``checkpoint``."""
+def import_layout_modules() -> None:
+    """Import :data:`LAYOUT_MODULES` (they register their layouts and safe pickle globals)."""
     for module in LAYOUT_MODULES:
         importlib.import_module(module)
+
+
+def detect_detector_layout(checkpoint: Mapping[str, Any]) -> DetectorLayout:
+    """The first registered layout that recognises ``checkpoint``."""
+    import_layout_modules()
     for layout in DETECTOR_LAYOUTS:
         if layout.matches(checkpoint):
             return layout
@@ -211,6 +222,21 @@ def detect_detector_layout(checkpoint: Mapping[str, Any]) -> DetectorLayout:
         f"Not a detector checkpoint of a known layout ({[layout.name for layout in DETECTOR_LAYOUTS]}); "
         f"first keys: {keys}"
     )
+
+
+def _backbone_differences(tensors: Mapping[str, Tensor], model: nn.Module) -> str:
+    """``". Backbone differs: ..."`` when the checkpoint's FocalNet is another architecture than the model's."""
+    from focalnet_pl.focalnet import FocalNet
+
+    prefix = next((f"{name}." for name, module in model.named_modules() if isinstance(module, FocalNet)), None)
+    if prefix is None:
+        return ""
+    theirs = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not theirs:
+        return ""
+    ours = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    differences = architecture_differences(focalnet_architecture(theirs), focalnet_architecture(ours))
+    return f". Backbone differs: {'; '.join(differences)}" if differences else ""
 
 
 def load_detector_weights(
@@ -239,6 +265,7 @@ def load_detector_weights(
         a :class:`DetectorLoadReport`, also logged.
     """
     name = str(source) if isinstance(source, (str, Path)) else "<checkpoint dict>"
+    import_layout_modules()  # before reading: they declare the classes a checkpoint may pickle
     checkpoint = (
         read_detector_checkpoint(source, SAFE_CHECKPOINT_GLOBALS) if isinstance(source, (str, Path)) else source
     )
@@ -273,6 +300,7 @@ def load_detector_weights(
     if strict and report.problems():
         raise CheckpointError(
             f"Checkpoint {name} ({layout.name} layout) does not fit the model: {report.problems()}"
+            + _backbone_differences(state.tensors, model)
         )
     model.load_state_dict(loaded, strict=False)
     log.info("Loaded detector weights: %s", report.summary())

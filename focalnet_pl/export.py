@@ -1,12 +1,20 @@
-"""``cli.py export``: a training checkpoint's backbone or full model as safetensors, with its config.
+"""``cli.py export``: a training checkpoint as safetensors (weights + config) or as an ONNX model.
 
     python cli.py export --config configs/demo/classification_shapes.yaml \\
         --ckpt_path runs/.../last.ckpt --output exports/shapes_backbone.safetensors [--part backbone|model]
+    python cli.py export --format onnx --config ... --ckpt_path ... --output exports/shapes.onnx
 
-``backbone`` writes the FocalNet (official parameter names, its classifier head included when it has
-one) so that ``create_focalnet(variant, weights=...)`` or :func:`focalnet_from_export` reads it back;
-``model`` writes the whole LightningModule ``state_dict``. The FocalNet config, the task's
-hyper-parameters and the run config go in the safetensors metadata and in a sidecar ``.yaml``.
+safetensors: ``backbone`` writes the FocalNet (official parameter names, its classifier head included
+when it has one) so that ``create_focalnet(variant, weights=...)`` or :func:`focalnet_from_export`
+reads it back; ``model`` writes the whole LightningModule ``state_dict``. The FocalNet config, the
+task's architecture record (classes, feature levels, input format, evaluation size), its hyper-parameters
+and the run config go in the safetensors metadata and in a sidecar ``.yaml``.
+
+ONNX: the task says what to export through its ``onnx_export_spec()`` hook (an :class:`OnnxExportSpec`:
+module, example inputs, input/output names, dynamic axes); :func:`export_onnx` traces it with
+``torch.export`` (batch, height and width left dynamic), writes the model with the task's metadata
+and compares onnxruntime (CPU) with PyTorch on the example and check inputs.
+
 Checkpoints are read with ``torch.load(weights_only=True)``; nothing is unpickled.
 """
 from __future__ import annotations
@@ -16,14 +24,17 @@ import importlib
 import inspect
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
+import torch
 import yaml
 from torch import nn
 
+from focalnet_pl import cpu_fastpath
 from focalnet_pl.cli import CHECKPOINT_ALIASES, resolve_checkpoint_alias, run_root
 from focalnet_pl.focalnet import FocalNet, FocalNetConfig
 from focalnet_pl.reliability import safe_torch_load
@@ -33,6 +44,8 @@ log = logging.getLogger(__name__)
 
 Part = Literal["backbone", "model"]
 EXPORT_FORMAT = "focalnet-pl"
+#: default bound of the onnxruntime vs PyTorch difference that :func:`export_onnx` accepts
+ONNX_TOLERANCE = 1e-4
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -107,6 +120,28 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _run_info(task: nn.Module, config: dict[str, Any] | None, source: str | None) -> dict[str, Any]:
+    """What every export records: its format, the task class and hyper-parameters, the source checkpoint
+    and the run config."""
+    info: dict[str, Any] = {"format": EXPORT_FORMAT, "task_class": f"{type(task).__module__}.{type(task).__qualname__}"}
+    architecture = getattr(task, "architecture", None)
+    if callable(architecture):
+        info["architecture"] = architecture()
+    hparams = getattr(task, "hparams", None)
+    if hparams:
+        info["hyper_parameters"] = _plain(dict(hparams))
+    if source is not None:
+        info["source_checkpoint"] = str(source)
+    if config is not None:
+        info["config"] = _plain(config)
+    return info
+
+
+def _string_metadata(info: dict[str, Any]) -> dict[str, str]:
+    """``info`` as string key/values (files' metadata): strings as they are, the rest as JSON."""
+    return {key: value if isinstance(value, str) else json.dumps(_plain(value)) for key, value in info.items()}
+
+
 def export_weights(task: nn.Module, output: str | Path, part: Part = "backbone", *,
                    config: dict[str, Any] | None = None, source: str | None = None) -> Path:
     """Write ``task``'s backbone or full model to ``output`` (safetensors) and ``output.yaml``."""
@@ -127,16 +162,8 @@ def export_weights(task: nn.Module, output: str | Path, part: Part = "backbone",
         "focalnet_config": asdict(focalnet.cfg),
         "num_classes": int(focalnet.num_classes),
         "features_only": bool(focalnet.features_only),
-        "task_class": f"{type(task).__module__}.{type(task).__qualname__}",
-    }
-    hparams = getattr(task, "hparams", None)
-    if hparams:
-        info["hyper_parameters"] = _plain(dict(hparams))
-    if source is not None:
-        info["source_checkpoint"] = str(source)
-    if config is not None:
-        info["config"] = _plain(config)
-    metadata = {key: value if isinstance(value, str) else json.dumps(_plain(value)) for key, value in info.items()}
+    } | _run_info(task, config, source)
+    metadata = _string_metadata(info)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     save_file(state, str(tmp), metadata=metadata)
@@ -171,20 +198,134 @@ def focalnet_from_export(path: str | Path, features_only: bool | None = None, **
     return model
 
 
+@dataclass
+class OnnxExportSpec:
+    """What a task exports to ONNX, returned by its ``onnx_export_spec()`` hook.
+
+    Args:
+        module: the module to trace (eval mode); ``module(*example_inputs)`` returns a tensor or a
+            tuple of tensors, one per ``output_names`` entry.
+        example_inputs: the inputs traced (sizes that are neither 0 nor 1 on the dynamic axes, and
+            distinct from one another, so that no size gets baked into the graph).
+        input_names, output_names: names of the ONNX graph's inputs and outputs.
+        dynamic_axes: per input, ``{axis: name}`` of the axes left free (e.g. batch, height, width).
+        check_inputs: further inputs (other sizes) on which onnxruntime is compared with PyTorch.
+        metadata: extra ``metadata_props`` of the ONNX model (e.g. class names, input normalisation).
+    """
+
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: tuple[dict[int, str], ...]
+    check_inputs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def onnx_export_spec(task: nn.Module) -> OnnxExportSpec:
+    """``task.onnx_export_spec()``; a clear error for tasks that have no ONNX export yet."""
+    hook = getattr(task, "onnx_export_spec", None)
+    if not callable(hook):
+        raise NotImplementedError(
+            f"{type(task).__name__} has no ONNX export: give it an onnx_export_spec() method returning a "
+            "focalnet_pl.export.OnnxExportSpec (module, example inputs, names, dynamic axes)"
+        )
+    spec = hook()
+    if len(spec.input_names) != len(spec.example_inputs) or len(spec.dynamic_axes) != len(spec.example_inputs):
+        raise ValueError(f"{type(task).__name__}.onnx_export_spec(): one input name and one dynamic_axes entry "
+                         f"per example input ({len(spec.example_inputs)})")
+    return spec
+
+
+def _as_tuple(outputs: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+
+
+def compare_onnx_with_torch(path: str | Path, spec: OnnxExportSpec) -> float:
+    """Largest absolute difference between onnxruntime (CPU) running ``path`` and PyTorch running
+    ``spec.module``, over every output of the example and check inputs."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for inputs in [spec.example_inputs, *spec.check_inputs]:
+        with torch.no_grad():
+            expected = _as_tuple(spec.module(*inputs))
+        feeds = {name: tensor.numpy() for name, tensor in zip(spec.input_names, inputs)}
+        got = session.run(spec.output_names, feeds)
+        for name, want, have in zip(spec.output_names, expected, got):
+            if tuple(want.shape) != have.shape:
+                raise ValueError(f"ONNX output {name!r} has shape {have.shape} for inputs "
+                                 f"{[tuple(t.shape) for t in inputs]}; PyTorch gives {tuple(want.shape)}")
+            if want.numel():
+                worst = max(worst, float(np.abs(want.numpy().astype(np.float64) - have).max()))
+    return worst
+
+
+def export_onnx(task: nn.Module, output: str | Path, *, config: dict[str, Any] | None = None,
+                source: str | None = None, tolerance: float = ONNX_TOLERANCE) -> tuple[Path, float]:
+    """Write ``task`` (through its ``onnx_export_spec()``) as an ONNX model and check it.
+
+    The graph is traced by ``torch.export`` with the spec's dynamic axes (the CPU fast paths of
+    :mod:`focalnet_pl.cpu_fastpath` step aside: the plain PyTorch ops are what ONNX represents).
+    onnxruntime then runs the file on the example and check inputs; the largest absolute difference
+    from PyTorch is returned, and a difference above ``tolerance`` raises (the file stays, for inspection).
+    """
+    try:
+        import onnx  # noqa: F401 - torch.onnx needs onnx and onnxscript; the check needs onnxruntime
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"ONNX export needs onnx, onnxscript and onnxruntime ({error}): "
+                          "pip install 'focalnet-pl[onnx]'") from error
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise ValueError(f"output must end in .onnx, got {output}")
+    spec = onnx_export_spec(task)
+    spec.module.eval()
+    dynamic_shapes = tuple(dict(axes) for axes in spec.dynamic_axes)
+    with cpu_fastpath.disabled(), torch.no_grad():
+        program = torch.onnx.export(
+            spec.module, spec.example_inputs, dynamo=True, input_names=spec.input_names,
+            output_names=spec.output_names, dynamic_shapes=dynamic_shapes, verbose=False,
+        )
+    program.model.metadata_props.update(_string_metadata(_run_info(task, config, source)) | spec.metadata)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    program.save(output)  # weights in the file, or next to it (.data) above protobuf's 2 GB
+    difference = compare_onnx_with_torch(output, spec)
+    shapes = [tuple(t.shape) for inputs in [spec.example_inputs, *spec.check_inputs] for t in inputs[:1]]
+    log.info("Wrote %s; onnxruntime vs PyTorch: max abs difference %.3g on inputs %s", output, difference, shapes)
+    if not difference <= tolerance:
+        raise ValueError(f"{output}: onnxruntime differs from PyTorch by {difference:.3g} (> {tolerance:g}) on inputs {shapes}")
+    return output, difference
+
+
 def main(argv: list[str]) -> None:
-    """``cli.py export --config X --ckpt_path Y --output Z.safetensors [--part backbone|model]``."""
+    """``cli.py export --config X --ckpt_path Y --output Z [--format safetensors|onnx] [--part backbone|model]``."""
     parser = argparse.ArgumentParser(prog="cli.py export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the run's YAML config (gives the task class)")
     parser.add_argument("--ckpt_path", required=True,
                         help="Lightning checkpoint (.ckpt), or best / last: the newest run of --config")
-    parser.add_argument("--output", required=True, help="output .safetensors file (a .yaml sidecar is written too)")
-    parser.add_argument("--part", choices=("backbone", "model"), default="backbone")
+    parser.add_argument("--output", required=True,
+                        help="output .safetensors file (a .yaml sidecar is written too) or .onnx file")
+    parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors")
+    parser.add_argument("--part", choices=("backbone", "model"), default=None,
+                        help="safetensors only: the FocalNet backbone (default) or the whole task state_dict")
+    parser.add_argument("--tolerance", type=float, default=ONNX_TOLERANCE,
+                        help="onnx only: largest onnxruntime vs PyTorch difference accepted")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.format == "onnx" and args.part is not None:
+        parser.error("--part applies to --format safetensors (ONNX exports what the task's onnx_export_spec() gives)")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("focalnet_pl").setLevel(logging.INFO)  # not the exporter's and optimizer's INFO chatter
     config = read_config(args.config)
     ckpt_path = args.ckpt_path
     if ckpt_path in CHECKPOINT_ALIASES:
         ckpt_path = str(resolve_checkpoint_alias(run_root(config.get("trainer") or {}), ckpt_path))
     task = load_task(config, ckpt_path)
-    path = export_weights(task, args.output, args.part, config=config, source=ckpt_path)
+    if args.format == "onnx":
+        path, difference = export_onnx(task, args.output, config=config, source=ckpt_path, tolerance=args.tolerance)
+        print(f"wrote {path} (onnxruntime vs PyTorch: max abs difference {difference:.3g})")
+        return
+    path = export_weights(task, args.output, args.part or "backbone", config=config, source=ckpt_path)
     print(f"wrote {path} and {path.with_suffix('.yaml')}")

@@ -260,7 +260,8 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         pad_h, pad_w = (-h) % self.stride, (-w) % self.stride
-        if pad_h or pad_w:
+        # traced (torch.export / ONNX, dynamic shapes): pad unconditionally so the graph fits every size
+        if torch.compiler.is_compiling() or pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
@@ -448,8 +449,10 @@ def create_focalnet(
     Args:
         name: one of :func:`list_variants`.
         num_classes: classifier outputs (ignored with ``features_only``).
-        weights: checkpoint path or https URL (official, timm, Hugging Face or focalnet-pl layout;
-            ``.safetensors`` or a torch pickle read with ``weights_only=True``).
+        weights: checkpoint path, https URL or ``zoo:NAME`` (``focalnet-pl zoo``) in the official,
+            timm, Hugging Face or focalnet-pl layout (``.safetensors`` or a torch pickle read with
+            ``weights_only=True``). What was loaded, mapped, re-initialised or ignored is logged and
+            kept as ``model.weights_report`` (:class:`~focalnet_pl.weights.LoadReport`).
         features_only: return the dense multi-scale backbone instead of the classifier.
         out_indices, frozen_stages, grad_checkpointing: dense-mode options (see :class:`FocalNet`).
         strict: with ``weights``, raise on missing/unexpected/wrong-shape keys (the classifier head
@@ -463,7 +466,7 @@ def create_focalnet(
     if weights is not None:
         from focalnet_pl.weights import load_weights
 
-        load_weights(model, weights, strict=strict)
+        model.weights_report = load_weights(model, weights, strict=strict)
         model._freeze_stages()
     return model
 

@@ -11,10 +11,15 @@ Files are read with ``torch.load(weights_only=True)`` or safetensors; nothing is
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import pickle
 import re
+import shutil
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,19 +48,80 @@ def _is_url(source: str) -> bool:
     return "://" in source
 
 
-def resolve_source(source: str | Path) -> Path:
-    """A local path for ``source``; https URLs are downloaded once to the torch hub cache."""
+#: Set to 1 to never download: a file missing from the cache fails at once, naming where to put it.
+OFFLINE_ENV = "FOCALNET_PL_OFFLINE"
+
+
+def cache_path(url: str) -> Path:
+    """Where the download of ``url`` is kept: ``<torch hub dir>/focalnet_pl/<sha256 of the URL>/<file name>``.
+
+    Keyed by the whole URL, so two URLs that end in the same file name (every Hugging Face
+    ``.../resolve/main/pytorch_model.bin``) never share a file.
+    """
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(torch.hub.get_dir()) / "focalnet_pl" / key / (Path(urlparse(url).path).name or "download")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path, sha256: str | None, url: str) -> None:
+    if sha256 is not None and (actual := file_sha256(path)) != sha256.lower():
+        raise CheckpointError(f"{path} (from {url}) has sha256 {actual}, expected {sha256}: a partial or different "
+                              "file; delete it and download again")
+
+
+def _download(url: str, target: Path, timeout: float = 30.0) -> None:
+    missing = (f"Put the file there by hand (download {url} on a machine with network), or pass its local path "
+               f"instead of the URL / zoo name.")
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise CheckpointError(f"{url} is not in the download cache and {OFFLINE_ENV} is set: expected at {target}. {missing}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    log.info("Downloading %s to %s", url, target)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 24)
+    except (OSError, urllib.error.URLError) as err:
+        partial.unlink(missing_ok=True)
+        raise CheckpointError(f"Cannot download {url} ({err}); it is expected at {target}. {missing}") from err
+    partial.replace(target)
+
+
+def resolve_source(source: str | Path, sha256: str | None = None) -> Path:
+    """A local path for ``source``: a file path, an https URL or ``zoo:NAME`` (see ``focalnet-pl zoo``).
+
+    URLs are downloaded once into :func:`cache_path` and checked against ``sha256`` (the zoo's, for
+    ``zoo:NAME``) when one is known; without network the error names the URL and the path to put
+    the file at.
+    """
     source = str(source)
+    if source.startswith("zoo:"):
+        from focalnet_pl.zoo import zoo_entry
+
+        try:
+            entry = zoo_entry(source)
+        except KeyError as err:
+            raise CheckpointError(str(err.args[0])) from err
+        source, sha256 = entry.url, sha256 or entry.sha256
     if _is_url(source):
         parsed = urlparse(source)
         if parsed.scheme != "https":
             raise CheckpointError(f"Refusing to download weights over {parsed.scheme!r}: only https URLs are allowed ({source})")
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        cache.mkdir(parents=True, exist_ok=True)
-        target = cache / Path(parsed.path).name
+        target = cache_path(source)
         if not target.exists():
-            log.info("Downloading %s to %s", source, target)
-            torch.hub.download_url_to_file(source, str(target), progress=True)
+            _download(source, target)
+            try:
+                _check_sha256(target, sha256, source)
+            except CheckpointError:
+                target.unlink()
+                raise
+        _check_sha256(target, sha256, source)  # also a file put in the cache by hand
         return target
     path = Path(source).expanduser()
     if not path.is_file():
@@ -153,23 +219,71 @@ def _from_hf(key: str) -> str:
     return key
 
 
+def split_focalnet_layout(state_dict: StateDict) -> tuple[str, StateDict, list[str]]:
+    """``(layout, FocalNet tensors in our names, keys that are not FocalNet weights)`` of ``state_dict``.
+
+    The last are what a detector checkpoint holds besides its backbone (``neck.*``, ``rpn_head.*``,
+    ``transformer.*``, ...).
+    """
+    layout, prefix = detect_layout(state_dict)
+    # prefix of the kept keys -> how much of it to strip (HF classifiers keep the head outside ``focalnet.``)
+    strips = {prefix: len(prefix)}
+    if layout == "hf":
+        outer = prefix.removesuffix("focalnet.")
+        strips[outer + "classifier."] = len(outer)
+    items: StateDict = {}
+    ignored: list[str] = []
+    for key, value in state_dict.items():
+        start = next((p for p in strips if key.startswith(p)), None)
+        if start is None:
+            ignored.append(key)
+        else:
+            items[key[strips[start]:]] = value
+    rename = {"hf": _from_hf, "timm": _from_timm}.get(layout)
+    return layout, ({rename(k): v for k, v in items.items()} if rename else items), ignored
+
+
 def to_focalnet_layout(state_dict: StateDict) -> StateDict:
     """Convert any recognised layout to ours (the official names), dropping non-FocalNet keys."""
-    layout, prefix = detect_layout(state_dict)
-    if layout == "hf":
-        # HF classifiers keep the head outside the ``focalnet.`` sub-module
-        outer = prefix[: -len("focalnet.")] if prefix.endswith("focalnet.") else prefix
-        items = {}
-        for k, v in state_dict.items():
-            if k.startswith(prefix):
-                items[k[len(prefix):]] = v
-            elif k.startswith(outer + "classifier."):
-                items[k[len(outer):]] = v
-        return {_from_hf(k): v for k, v in items.items()}
-    items = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if layout == "timm":
-        return {_from_timm(k): v for k, v in items.items()}
-    return items
+    return split_focalnet_layout(state_dict)[1]
+
+
+def focalnet_architecture(state: StateDict) -> dict[str, object]:
+    """What a FocalNet state dict (our names) says of its architecture: widths, depths, focal levels
+    and kernels per stage, stem, layer scale, post-modulation norm, classifier outputs."""
+    stages = sorted({int(m[1]) for k in state if (m := re.match(r"^layers\.(\d+)\.", k))})
+    depths = [len({m[1] for k in state if (m := re.match(rf"^layers\.{i}\.blocks\.(\d+)\.", k))}) for i in stages]
+    levels = [len({m[1] for k in state if (m := re.match(rf"^layers\.{i}\.blocks\.0\.modulation\.focal_layers\.(\d+)\.", k))})
+              for i in stages]
+    windows = [int(state[f"layers.{i}.blocks.0.modulation.focal_layers.0.0.weight"].shape[-1])
+               for i in stages if f"layers.{i}.blocks.0.modulation.focal_layers.0.0.weight" in state]
+    stem = state.get("patch_embed.proj.weight")
+    head = state.get("head.weight")
+    return {
+        "embed_dim": int(stem.shape[0]) if stem is not None else None,
+        "depths": tuple(depths),
+        "focal_levels": tuple(levels),
+        "focal_kernels": tuple(windows),
+        "use_conv_embed": bool(stem is not None and stem.shape[-1] == 7),
+        "use_layerscale": any(k.endswith(".gamma_1") for k in state),
+        "use_postln_in_modulation": any(".modulation.ln." in k for k in state),
+        "num_classes": int(head.shape[0]) if head is not None else None,
+    }
+
+
+def architecture_differences(checkpoint: dict[str, object], model: dict[str, object]) -> list[str]:
+    """``"name: checkpoint X, model Y"`` for every entry of two architecture dicts that differs."""
+    return [f"{key}: checkpoint {checkpoint.get(key)}, model {model.get(key)}"
+            for key in dict.fromkeys([*checkpoint, *model]) if checkpoint.get(key) != model.get(key)]
+
+
+def _summarise_keys(keys: list[str]) -> str:
+    """``neck.* (8), rpn_head.* (6), ...``: the top-level groups of ``keys``."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        group = key.split(".", 1)[0]
+        groups[group] = groups.get(group, 0) + 1
+    return ", ".join(f"{group}.* ({count})" for group, count in groups.items())
 
 
 @dataclass
@@ -184,6 +298,8 @@ class LoadReport:
     expanded: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # file keys outside the FocalNet (detector neck / heads)
+    mapped_head: str = ""  # how a classifier head of other classes was mapped (ImageNet-22K -> 1K)
 
     def problems(self) -> str:
         parts = []
@@ -235,15 +351,21 @@ def load_weights(model: nn.Module, source: str | Path | StateDict, strict: bool 
       are initialised fresh.
     * A model with more focal levels or larger focal kernels than the checkpoint gets
       zero-padded kernels and zero gate rows for the new levels (reported).
+    * An ImageNet-22K head in a 1000-class model keeps the rows of the ImageNet-1K classes
+      (matched by WordNet synset, :func:`focalnet_pl.labels.imagenet_head_rows`).
+    * Tensors of the file outside the FocalNet (the neck and heads of a full detector checkpoint) are
+      listed in ``report.ignored`` and logged, pointing to :func:`focalnet_pl.load_detector_weights`.
     * Anything else that does not fit raises :class:`CheckpointError` listing missing,
-      unexpected and wrong-shape keys (``strict=False`` loads what fits and logs the rest).
+      unexpected and wrong-shape keys and how the checkpoint's architecture differs from the model's
+      (``strict=False`` loads what fits and logs the rest).
     """
+    from focalnet_pl.labels import imagenet_head_rows
+
     name = source if isinstance(source, (str, Path)) else "<state dict>"
     raw = read_state_dict(source) if isinstance(source, (str, Path)) else source
-    layout, _ = detect_layout(raw)
-    state = to_focalnet_layout(raw)
+    layout, state, ignored = split_focalnet_layout(raw)
     target = model.state_dict()
-    report = LoadReport(source=str(name), layout=layout)
+    report = LoadReport(source=str(name), layout=layout, ignored=ignored)
     features_only = getattr(model, "features_only", False)
 
     def block_dim(key: str) -> int:
@@ -259,8 +381,12 @@ def load_weights(model: nn.Module, source: str | Path | StateDict, strict: bool 
             report.unexpected.append(key)
             continue
         if key.startswith("head.") and value.shape != target[key].shape:
-            report.reinitialised.append(key)
-            continue
+            rows = imagenet_head_rows(value.shape[0], target[key].shape[0])
+            if rows is None or value.shape[1:] != target[key].shape[1:]:
+                report.reinitialised.append(key)
+                continue
+            value = value[rows]
+            report.mapped_head = f"{len(state['head.weight'])}-class ImageNet head -> rows of the {len(rows)} classes"
         adapted = _adapt(key, value, target[key], block_dim)
         if adapted is None:
             mismatched.add(key)
@@ -281,9 +407,19 @@ def load_weights(model: nn.Module, source: str | Path | StateDict, strict: bool 
             report.missing.append(key)
 
     if strict and (report.missing or report.unexpected or report.wrong_shape):
-        raise CheckpointError(f"Checkpoint {name} ({layout} layout) does not match the model: {report.problems()}")
+        differences = architecture_differences(focalnet_architecture(state), focalnet_architecture(target))
+        differs = f". Architecture differs: {'; '.join(differences)}" if differences else ""
+        raise CheckpointError(f"Checkpoint {name} ({layout} layout) does not match the model: {report.problems()}{differs}")
     model.load_state_dict(loaded, strict=False)
     log.info("Loaded %d tensors from %s (%s layout)", len(loaded), name, layout)
+    if report.ignored:
+        log.warning(
+            "%s holds %d tensors besides the FocalNet (%s); they were NOT loaded. A full detector checkpoint? "
+            "Load it with MODEL.WEIGHTS / focalnet_pl.load_detector_weights to use its neck and heads.",
+            name, len(report.ignored), _summarise_keys(report.ignored),
+        )
+    if report.mapped_head:
+        log.info("Classifier head: %s", report.mapped_head)
     if report.expanded:
         log.info("Expanded to more focal levels / larger kernels: %d tensors (%s ...)", len(report.expanded), report.expanded[0])
     if report.reinitialised:

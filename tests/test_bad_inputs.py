@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from datamodules.coco import DroppedAnnotationsWarning, load_coco_instances
 from datamodules.image_io import (
@@ -24,13 +23,8 @@ from datamodules.image_io import (
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.segmentation import LabelFileError, read_label_png
 from focalnet_pl import create_focalnet
-from focalnet_pl.reliability import (
-    AtomicCheckpointIO,
-    DataLoadError,
-    NonFiniteLossError,
-    guard_dataloader,
-    raise_if_failed,
-)
+from datamodules.loading import DataLoadError, GuardedCollate, GuardedDataset, GuardedLoader
+from focalnet_pl.reliability import AtomicCheckpointIO, NonFiniteLossError
 from focalnet_pl.tasks import ClassificationTask
 from focalnet_pl.weights import CheckpointError, read_state_dict
 
@@ -127,10 +121,11 @@ def unreadable_sample_in_worker(tmp: Path) -> None:
         _png(tmp / "train" / "a" / f"{i}.png", _rgb())
     (tmp / "train" / "a" / "1.png").write_bytes(b"garbage")
     dataset = SafeImageFolder(tmp / "train", transform=lambda image: torch.from_numpy(np.asarray(image).copy()))
-    loader = guard_dataloader(DataLoader(dataset, batch_size=3, num_workers=1), "train_dataloader")
-    batch = next(iter(loader))  # the worker does not raise: the failure travels to the main process
-    with pytest.raises(DataLoadError, match=r"train_dataloader: failed to load 1 sample.*sample 1 \(file .*a/1.png\)"):
-        raise_if_failed(batch, "train_dataloader", dataset)
+    loader = GuardedLoader(GuardedDataset(dataset), batch_size=3, num_workers=1, collate_fn=GuardedCollate(),
+                           name="train_dataloader")
+    # the worker does not raise: the failure travels to the main process, where the loader names it
+    with pytest.raises(DataLoadError, match=r"train_dataloader batch 0: failed to load 1 sample.*sample 1 \(file .*a/1.png\)"):
+        next(iter(loader))
     # end to end: fit stops in the main process with the file and the index, not a worker traceback
     _png(tmp / "train" / "b" / "0.png", _rgb())
     datamodule = ImageNetDataModule(root=str(tmp), image_size=16, batch_size=4, num_workers=1, val_split="train",
@@ -179,12 +174,40 @@ def zero_area_box(tmp: Path) -> None:
     assert len(records[0]["annotations"]) == 1
 
 
+def box_only_annotations_among_masks(tmp: Path) -> None:
+    """Users' own data: boxes for every object, masks for some. Mask R-CNN trains (the mask head on the
+    objects with a mask) and is evaluated (box-only objects are ignore regions for mask AP)."""
+    from test_coco_data import write_tiny_coco
+    from test_mask_rcnn import SMALL_IMAGES, tiny_detectron2
+
+    from datamodules.coco import BoxOnlyAnnotationsWarning, COCODataModule
+    from focalnet_pl.tasks.detection import DetectionTask
+
+    json_file = write_tiny_coco(tmp, "train2017", num_images=6, size=64, with_crowd=False)
+    data = json.loads(json_file.read_text())
+    for ann in data["annotations"][::2]:
+        del ann["segmentation"]
+    json_file.write_text(json.dumps(data))
+    images = str(tmp / "train2017")
+    datamodule = COCODataModule(train_json=str(json_file), train_images=images, val_json=str(json_file),
+                                val_images=images, **SMALL_IMAGES)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=str(tmp))
+    task = DetectionTask(detectron2=tiny_detectron2(), lr=1e-3)
+    with pytest.warns(BoxOnlyAnnotationsWarning, match=r"instances_train2017.json: 3 of 6 annotations have a box but "
+                                                        r"no segmentation \(ids \[1, 3, 5\]\)"):
+        trainer.fit(task, datamodule)
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss_mask"]) and metrics["val/segm_AP"] >= 0
+
+
 def empty_dataset(tmp: Path) -> None:
     (tmp / "train" / "cats").mkdir(parents=True)
     with pytest.raises(EmptyDatasetError, match="class folder .*cats contains no image files"):
         ImageNetDataModule(root=str(tmp), num_workers=0).setup("fit")
     (tmp / "nothing").mkdir()
-    with pytest.raises(EmptyDatasetError, match="neither .*nothing/train nor .*nothing/val exists"):
+    with pytest.raises(EmptyDatasetError, match=r"Data not found: split folder .*nothing/train \(or .*nothing/val\)"):
         ImageNetDataModule(root=str(tmp / "nothing"))
 
 
@@ -277,6 +300,7 @@ CASES: dict[str, Callable[..., None]] = {
     "missing key": missing_key,
     "unknown category id": unknown_category_id,
     "zero-area box": zero_area_box,
+    "box-only annotations among masks": box_only_annotations_among_masks,
     "empty dataset": empty_dataset,
     "wrong num_classes vs checkpoint": wrong_num_classes_vs_checkpoint,
     "unknown config key": unknown_config_key,

@@ -27,6 +27,7 @@ from datamodules.image_io import (
     read_image_tensor,
 )
 from datamodules.imagenet import DemoShapesDataModule, ImageNetDataModule
+from datamodules.loading import DataLoadError
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -242,7 +243,7 @@ def test_corrupt_images_raise_or_are_skipped_by_the_loaders(tmp_path: Path) -> N
     corrupt_jpeg(root / "val" / "ant" / "9_corrupt.jpg")
     strict = small_datamodule(root)
     strict.setup("validate")
-    with pytest.raises(ImageReadError, match="9_corrupt.jpg"):
+    with pytest.raises(DataLoadError, match=r"val_dataloader batch \d+: .*9_corrupt.jpg\): ImageReadError"):
         list(strict.val_dataloader())
 
     lenient = small_datamodule(root, on_corrupt_image="skip")

@@ -264,14 +264,24 @@ def test_config_trains_and_evaluates_a_few_steps(config_name: str, tmp_path: Pat
     data_args.update(crop_size=32, test_size=40, test_max_size=64, batch_size=2, eval_batch_size=2, num_workers=0)
     model_args["predict_output_dir"] = str(tmp_path / "predictions")
     config["trainer"] = {"accelerator": "cpu", "devices": 1, "max_steps": 2, "limit_val_batches": 1,
-                         "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
-                         "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path),
-                         "precision": "32-true"}
+                         "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+                         "default_root_dir": str(tmp_path), "precision": "32-true",
+                         "callbacks": config["trainer"].get("callbacks", []),  # the config's ModelCheckpoint runs
+                         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                    "init_args": {"save_dir": str(tmp_path)}}}
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     cli = FocalNetCLI(args=["--config", str(config_file)], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
+    configured = [cb["init_args"] for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
+    monitor = configured[0]["monitor"] if configured else cli.model.monitor_metric
+    assert monitor == ("val/PQ" if "panoptic" in config_name or "shapes" in config_name else "val/mIoU")
+    assert [cb.monitor for cb in cli.trainer.checkpoint_callbacks] == [monitor]
+    best = cli.trainer.checkpoint_callback
+    assert float(best.best_model_score) == pytest.approx(float(cli.trainer.callback_metrics[monitor]))
+    name = Path(best.best_model_path).name  # the config's file name pattern (step...), else the task's (epoch...)
+    assert Path(best.best_model_path).is_file() and name.startswith("step" if configured else "epoch")
     metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     panoptic = cli.datamodule.metadata.evaluator_type == "panoptic"
     assert ("test/PQ" in metrics) == panoptic and ("test/PQ_th" in metrics) == panoptic and "test/mIoU" in metrics

@@ -45,13 +45,7 @@ SMALL_IMAGES = {"train_min_sizes": [64], "train_max_size": 96, "crop_resize_size
                 "test_min_size": 64, "test_max_size": 96, "batch_size": 2, "eval_batch_size": 2, "num_workers": 0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small ops: one intra-op thread is fastest, and robust on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops
 
 
 def deep_update(base: dict, update: dict) -> dict:
@@ -115,6 +109,15 @@ def test_every_mask_rcnn_config_trains_a_step_and_validates(config, tmp_path):
     metrics = cli.trainer.callback_metrics
     assert {"train/loss", "train/loss_mask", "train/loss_rpn_cls", "val/AP", "val/segm_AP"} <= set(metrics)
     assert len(list((tmp_path / "logs").rglob("val_coco_segm_results.json"))) == 1
+    # the config's ModelCheckpoint is the one that ran (the 12 recipes keep the best mask AP), else the task's
+    configured = [cb["init_args"]["monitor"] for cb in yaml.safe_load(config.read_text())["trainer"].get("callbacks", [])
+                  if cb["class_path"].endswith("ModelCheckpoint")]
+    monitor = configured[0] if configured else "val/AP"
+    assert config.parent.name == "demo" or monitor == "val/segm_AP"
+    assert [cb.monitor for cb in cli.trainer.checkpoint_callbacks] == [monitor]
+    best = cli.trainer.checkpoint_callback
+    assert float(best.best_model_score) == pytest.approx(float(metrics[monitor]))
+    assert Path(best.best_model_path).is_file() and monitor.split("/")[1] in Path(best.best_model_path).name
 
 
 def _tiny_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
@@ -200,8 +203,12 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path):
         checkpoint["detection"]["num_classes"] = 3
         DetectionTask(detectron2=deep_update(tiny_detectron2(), {"MODEL": {"ROI_HEADS": {"NUM_CLASSES": 2}}})).on_load_checkpoint(checkpoint)
     box_only = DetectionTask(detectron2=deep_update(tiny_detectron2(mask_on=False), {"MODEL": {"ROI_HEADS": {"NUM_CLASSES": 2}}}))
-    with pytest.raises(ValueError, match=r"another head.*unexpected keys \['model.roi_heads.mask_head"):
+    with pytest.raises(ValueError, match=r"another architecture than this config builds: mask_on: checkpoint True, config False"):
         box_only.on_load_checkpoint(torch.load(path, weights_only=True))
+    unrecorded = torch.load(path, weights_only=True)
+    del unrecorded["focalnet_pl_architecture"]  # checkpoints written before the record: the keys still tell
+    with pytest.raises(ValueError, match=r"another head.*unexpected keys \['model.roi_heads.mask_head"):
+        box_only.on_load_checkpoint(unrecorded)
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["detection"]["meta_architecture"] = "DINO"
     with pytest.raises(ValueError, match="holds a DINO model"):

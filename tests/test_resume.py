@@ -16,13 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from focalnet_pl.reliability import (
-    AtomicCheckpointIO,
-    GuardedDataset,
-    ResumableDataLoader,
-    ResumableSampler,
-    atomic_torch_save,
-)
+from datamodules.loading import GuardedDataset, GuardedLoader, ResumableSampler
+from focalnet_pl.reliability import AtomicCheckpointIO, atomic_torch_save
 from focalnet_pl.weights import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +138,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path)
     interrupted = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert interrupted["global_step"] == KILL_AT_STEP
     assert interrupted["global_step"] % STEPS_PER_EPOCH != 0  # mid-epoch
-    assert interrupted["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed_batches"] == KILL_AT_STEP - STEPS_PER_EPOCH
+    # the position of the training loader, saved by Lightning's fit loop (StatefulDataLoader state) and by the datamodule
+    loader_state = interrupted["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state == interrupted["ImageNetDataModule"]["train_loader"]
+    sampler_state = loader_state["_snapshot"]["_main_snapshot"]["_sampler_iter_state"]["sampler_state"]
+    assert sampler_state["epoch"] == 1 and sampler_state["position"] == (KILL_AT_STEP - STEPS_PER_EPOCH) * 4
 
     _finish(_cli("fit", "--config", str(killed_cfg), "--ckpt_path", "last"))
     _finish(reference)
@@ -222,23 +221,37 @@ class _Noisy(torch.utils.data.Dataset):
 
 
 def test_resumable_loader_continues_the_same_order_and_augmentation() -> None:
-    def loader() -> ResumableDataLoader:
-        dataset = GuardedDataset(_Noisy(), seed=3)
-        return ResumableDataLoader(dataset, batch_size=2, sampler=ResumableSampler(dataset, shuffle=True, seed=3))
+    def loader(num_workers: int = 0) -> GuardedLoader:
+        sampler = ResumableSampler(_Noisy(), shuffle=True, seed=3)
+        return GuardedLoader(GuardedDataset(_Noisy(), seed=3), batch_size=2, sampler=sampler, name="train_dataloader",
+                             num_workers=num_workers)
 
     full = loader()
     full.sampler.set_epoch(1)
-    epoch = [batch for batch in full]
+    batches = iter(full)
+    epoch = [next(batches), next(batches)]
+    state = full.state_dict()  # after 2 of 5 batches
+    epoch += list(batches)
     resumed = loader()
-    resumed.load_state_dict({"epoch": 1, "consumed_batches": 2, "seed": 3, "num_samples": 10})
+    resumed.load_state_dict(state)
     rest = list(resumed)
     assert len(rest) == 3
     for a, b in zip(epoch[2:], rest):
         assert torch.equal(a, b)
+    # resumed with a worker (torchdata cannot restore another worker count): the same batches all the same
+    in_worker = loader(num_workers=1)
+    in_worker.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(epoch[2:], list(in_worker), strict=True))
     other_epoch = loader()
     other_epoch.sampler.set_epoch(2)
     assert not torch.equal(torch.cat(list(other_epoch)), torch.cat(epoch))
     # at the end of an epoch the next one starts from its first batch
+    ended = loader()
+    ended.sampler.set_epoch(1)
+    batches = iter(ended)
+    assert len([next(batches) for _ in range(5)]) == 5
     finished = loader()
-    finished.load_state_dict({"epoch": 1, "consumed_batches": 5, "seed": 3, "num_samples": 10})
-    assert finished.sampler.epoch == 2 and len(list(finished)) == 5
+    finished.load_state_dict(ended.state_dict())
+    following = list(finished)
+    assert finished.sampler.epoch == 2 and len(following) == 5
+    torch.testing.assert_close(torch.cat(following), torch.cat(list(other_epoch)))

@@ -27,6 +27,7 @@ from focalnet_pl.evaluation.gather import gather_unique_by_key
 __all__ = [
     "COCO_METRIC_NAMES",
     "COCOInstanceEvaluator",
+    "box_only_as_ignore_regions",
     "coco_metrics",
     "format_coco_table",
     "instances_to_coco_results",
@@ -45,6 +46,30 @@ def load_coco_gt(json_file: str | Path) -> COCO:
     """pycocotools ``COCO`` index of a ground-truth json (its progress prints are silenced)."""
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(str(json_file))
+
+
+def box_only_as_ignore_regions(coco_gt: COCO) -> COCO:
+    """``coco_gt`` for mask AP: objects annotated with a box but no mask become crowd regions covering
+    their box, which COCOeval ignores (detections on them are neither matches nor false positives,
+    and they are not counted as missed). ``coco_gt`` itself when every object has a mask."""
+    annotations = coco_gt.dataset.get("annotations", [])
+    box_only = sum(1 for ann in annotations if not ann.get("segmentation"))
+    if not box_only:
+        return coco_gt
+    log.info("mask AP: %d box-only ground-truth objects are ignore regions", box_only)
+    masks_gt = COCO()
+    masks_gt.dataset = {**coco_gt.dataset, "annotations": [
+        ann if ann.get("segmentation") else {**ann, "segmentation": [_box_polygon(ann["bbox"])], "iscrowd": 1}
+        for ann in annotations
+    ]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        masks_gt.createIndex()
+    return masks_gt
+
+
+def _box_polygon(bbox: Sequence[float]) -> list[float]:
+    x, y, w, h = bbox
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
 
 
 def instances_to_coco_results(
@@ -175,7 +200,8 @@ class COCOInstanceEvaluator:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(results))
                     log.info("wrote %d %s detections to %s", len(results), iou_type, path)
-                scores = coco_metrics(self.coco_gt, results, iou_type, image_ids)
+                coco_gt = box_only_as_ignore_regions(self.coco_gt) if iou_type == "segm" else self.coco_gt
+                scores = coco_metrics(coco_gt, results, iou_type, image_ids)
                 metrics.update({METRIC_PREFIX[iou_type] + name: value for name, value in scores.items()})
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             holder = [metrics]

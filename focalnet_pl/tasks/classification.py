@@ -5,7 +5,7 @@ import json
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import numpy as np
@@ -17,11 +17,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings, require_task_checkpoint
 from focalnet_pl.distributed import maybe_fully_shard
 from focalnet_pl.focalnet import FocalNet, FocalNetBlock, create_focalnet
+from focalnet_pl.labels import class_names_from_file, imagenet_class_names
 from focalnet_pl.optim import param_groups, warmup_cosine
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
-from focalnet_pl.tasks.callbacks import SamplePredictionLogger, default_task_callbacks
+from focalnet_pl.tasks.callbacks import default_task_callbacks
 from focalnet_pl.visualize.draw import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,6 +32,9 @@ from focalnet_pl.visualize.draw import (
     save_picture,
     tensor_to_picture,
 )
+
+if TYPE_CHECKING:
+    from focalnet_pl.export import OnnxExportSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +45,9 @@ class ClassificationTask(L.LightningModule):
     Args:
         variant: FocalNet variant name (``focalnet_pl.list_variants()``).
         num_classes: classes; ``None`` takes ``num_classes`` from the datamodule at setup.
-        weights: pretrained checkpoint to start from (fine-tuning: another class count gets a new
-            head; another resolution needs nothing — FocalNet has no position embeddings).
+        weights: pretrained checkpoint to start from: a path, https URL or ``zoo:NAME`` (fine-tuning:
+            another class count gets a new head, an ImageNet-22K head the rows of the 1K classes;
+            another resolution needs nothing — FocalNet has no position embeddings).
         model_overrides: FocalNetConfig fields, e.g. ``{drop_path_rate: 0.3}``; the variant's own
             drop path rate (the paper's per-variant value) is used otherwise.
         lr: peak learning rate for a total batch of ``lr_reference_batch`` (linear scaling rule:
@@ -51,12 +57,17 @@ class ClassificationTask(L.LightningModule):
             (``alpha = 0`` disables that one; both 0 disable mixing).
         ema_decay: keep an exponential moving average of the weights and evaluate with it.
         grad_checkpointing: activation checkpointing in every block.
+        class_names: the name of each class, or a file with one per line; by default the
+            datamodule's, else the ImageNet-1K/22K names for a 1000/21842-class head (from timm's
+            bundled ImageNet info).
         predict_output_dir: where ``predict`` writes ``predictions.json`` (top-5 per image; default
             ``<trainer.default_root_dir>/predictions``) and, with
             ``predict_draw``, one picture per image with its top-5 labels (``images/``).
         on_nonfinite_loss: ``"raise"`` stops at a NaN/Inf loss naming the step; ``"skip"`` skips that step.
         checkpoint_every_n_steps: also refresh ``last.ckpt`` every that many steps (mid-epoch resume).
         log_samples: images drawn with their predictions sent to TensorBoard at each validation (0: off).
+        monitor, monitor_mode: metric (and whether higher is better) of the default ``ModelCheckpoint``,
+            used when the trainer has no ``ModelCheckpoint`` of its own.
     """
 
     def __init__(
@@ -80,20 +91,45 @@ class ClassificationTask(L.LightningModule):
         mixup_switch_prob: float = 0.5,
         ema_decay: float | None = None,
         grad_checkpointing: bool = False,
-        class_names: list[str] | None = None,
+        class_names: list[str] | str | None = None,
         predict_output_dir: str | None = None,
         predict_draw: bool = True,
         on_nonfinite_loss: NonFiniteAction = "raise",
         checkpoint_every_n_steps: int | None = None,
         log_samples: int = 8,
+        monitor: str = "val/acc1",
+        monitor_mode: Literal["max", "min"] = "max",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: FocalNet | None = None
         self.ema: AveragedModel | None = None
         self.loss_guard = NonFiniteLossGuard(on_nonfinite_loss)
+        self._names: list[str] | None = None  # class names for predict, read once per predict epoch
         if num_classes is not None:
             self._build(num_classes)
+
+    def class_name_list(self) -> list[str] | None:
+        """Names of the classes: ``class_names`` (a list or a file), else ImageNet's for its head size."""
+        names = self.hparams.class_names
+        if isinstance(names, str):
+            return class_names_from_file(names)
+        if names is None and self.hparams.num_classes is not None:
+            return imagenet_class_names(int(self.hparams.num_classes))
+        return list(names) if names is not None else None
+
+    def architecture(self) -> dict[str, Any]:
+        """What this task's checkpoints record of the model (see :mod:`focalnet_pl.architecture`)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(datamodule, "hparams", None) or {}
+        return {
+            "task": "classification",
+            "focalnet": focalnet_settings(self.model.cfg, self.hparams.variant) if self.model is not None else None,
+            "num_classes": self.hparams.num_classes,
+            "class_names": self.class_name_list(),
+            "input_format": "RGB",
+            "eval_size": data.get("image_size"),
+        }
 
     # ----------------------------------------------------------------- model
     def _build(self, num_classes: int) -> None:
@@ -146,6 +182,22 @@ class ClassificationTask(L.LightningModule):
     def _eval_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
+    def onnx_export_spec(self) -> OnnxExportSpec:
+        """``cli.py export --format onnx``: normalised RGB images ``(batch, 3, height, width)`` of any
+        size -> ``logits (batch, classes)``, from the evaluation (EMA when kept) weights."""
+        from focalnet_pl.export import OnnxExportSpec
+
+        names = self.hparams.class_names
+        return OnnxExportSpec(
+            module=self._eval_model(),
+            example_inputs=(torch.randn(2, 3, 96, 128),),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes=({0: "batch", 2: "height", 3: "width"},),
+            check_inputs=[(torch.randn(1, 3, 64, 80),), (torch.randn(3, 3, 45, 77),)],
+            metadata={"class_names": json.dumps(names)} if names else {},
+        )
+
     # -------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, labels = batch[0], batch[1]
@@ -188,7 +240,7 @@ class ClassificationTask(L.LightningModule):
         images, paths = batch[0], batch[1]
         probs = self._eval_model()(images).softmax(-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        names = self.hparams.class_names
+        names = self._names
         results = []
         for path, scores, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
             labels = [names[i] if names else str(i) for i in indices]
@@ -206,7 +258,7 @@ class ClassificationTask(L.LightningModule):
         with torch.no_grad():
             probs = self._eval_model()(images).softmax(-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        names = self.hparams.class_names
+        names = self.class_name_list()
         mean, std = _normalisation(self.trainer)
         pictures = []
         for i, (image, label) in enumerate(zip(images, labels.tolist())):
@@ -216,8 +268,18 @@ class ClassificationTask(L.LightningModule):
             pictures.append((f"val_samples/{i}", np.asarray(draw_top5(tensor_to_picture(image, mean, std), top5, truth))))
         return pictures
 
+    def on_predict_epoch_start(self) -> None:
+        self._names = self.class_name_list()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[ARCHITECTURE_KEY] = self.architecture()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints written before the training accuracy was persistent load with a fresh accumulator."""
+        """Refuse a checkpoint of another architecture (naming every difference); checkpoints written
+        before the training accuracy was persistent load with a fresh accumulator."""
+        require_task_checkpoint(checkpoint, "model.init_args.weights")
+        if self.model is not None:
+            check_architecture(checkpoint.get(ARCHITECTURE_KEY), self.architecture())
         state = checkpoint.get("state_dict")
         if self.model is not None and isinstance(state, dict):
             for key, value in self.train_acc.state_dict(prefix="train_acc.").items():
@@ -268,11 +330,9 @@ class ClassificationTask(L.LightningModule):
         return int(per_device) * self.trainer.world_size * accumulate
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks = default_task_callbacks(self.trainer, monitor="val/acc1", mode="max",
-                                           checkpoint_every_n_steps=self.hparams.checkpoint_every_n_steps)
-        if self.hparams.log_samples:
-            callbacks.append(SamplePredictionLogger(self.hparams.log_samples))
-        return callbacks
+        hp = self.hparams
+        return default_task_callbacks(self.trainer, hp.monitor, hp.monitor_mode, hp.checkpoint_every_n_steps,
+                                      hp.log_samples)
 
 
 def _normalisation(trainer: L.Trainer | None) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -8,9 +8,10 @@ decay with warmup), COCO evaluation for validate/test and drawing + COCO json fo
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -24,8 +25,10 @@ from detectron2.utils.events import EventStorage
 from PIL import Image
 from torch import nn
 
+from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings, require_task_checkpoint
 from focalnet_pl.d2.backbone import FocalNetBackbone
 from focalnet_pl.d2.config import NUM_CLASSES_KEYS, build_detectron2_cfg, get_dotted, has_dotted
+from focalnet_pl.d2.partial_masks import train_masks_where_annotated
 from focalnet_pl.detector_weights import DetectorLoadReport, load_detector_weights
 from focalnet_pl.evaluation.coco import COCOInstanceEvaluator, format_coco_table, instances_to_coco_results
 from focalnet_pl.evaluation.gather import gather_unique_by_key
@@ -33,9 +36,11 @@ from focalnet_pl.distributed import maybe_fully_shard
 from focalnet_pl.focalnet import FocalNetBlock
 from focalnet_pl.optim import param_groups
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
-from focalnet_pl.tasks.callbacks import SamplePredictionLogger, default_task_callbacks
+from focalnet_pl.tasks.callbacks import default_task_callbacks
 
 __all__ = ["DetectionTask"]
+
+log = logging.getLogger(__name__)
 
 #: FSDP2 units of the detectors (class names absent from a model are ignored)
 FSDP_BLOCK_TYPES = (
@@ -65,6 +70,10 @@ class DetectionTask(L.LightningModule):
             ``"skip"`` skips that optimizer step.
         checkpoint_every_n_steps: also refresh ``last.ckpt`` every that many steps (mid-epoch resume).
         log_samples: validation images drawn with their predictions sent to TensorBoard each validation (0: off).
+        weights: full detector checkpoint to start from or evaluate (path, https URL or ``zoo:NAME``,
+            e.g. ``zoo:mask_rcnn_focalnet_t_srf_1x``); replaces ``MODEL.WEIGHTS`` when given.
+        monitor, monitor_mode: metric (and whether higher is better) of the default ``ModelCheckpoint``,
+            used when the trainer has no ``ModelCheckpoint`` of its own; ``None``: ``val/AP`` (boxes).
     """
 
     def __init__(
@@ -82,12 +91,18 @@ class DetectionTask(L.LightningModule):
         on_nonfinite_loss: NonFiniteAction = "raise",
         checkpoint_every_n_steps: int | None = None,
         log_samples: int = 4,
+        weights: str | None = None,
+        monitor: str | None = None,
+        monitor_mode: Literal["max", "min"] = "max",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.loss_guard = NonFiniteLossGuard(on_nonfinite_loss)
         overrides = detectron2 or {}
         self.cfg: CfgNode = build_detectron2_cfg(overrides)
+        if weights and self.cfg.MODEL.WEIGHTS and weights != self.cfg.MODEL.WEIGHTS:
+            log.info("weights=%s replaces detectron2.MODEL.WEIGHTS=%s", weights, self.cfg.MODEL.WEIGHTS)
+        self.weights_source: str = weights or self.cfg.MODEL.WEIGHTS
         self.meta_architecture: str = self.cfg.MODEL.META_ARCHITECTURE
         self.evaluate_masks = bool(self.cfg.MODEL.MASK_ON)
         if self.meta_architecture not in NUM_CLASSES_KEYS:
@@ -117,6 +132,7 @@ class DetectionTask(L.LightningModule):
         cfg.MODEL.DEVICE = "cpu"  # Lightning moves the module
         cfg.freeze()
         self.model = build_model(cfg)
+        train_masks_where_annotated(self.model)  # objects annotated with a box only train no mask
         self.num_classes = int(num_classes)
 
     def _datamodule(self) -> Any:
@@ -141,7 +157,7 @@ class DetectionTask(L.LightningModule):
             self._build_model(data_classes)
         elif self.model is not None and data_classes is not None and data_classes != self.num_classes:
             raise ValueError(f"the model predicts {self.num_classes} classes but the datamodule has {data_classes}")
-        if self.cfg.MODEL.WEIGHTS and self.weights_report is None and self.model is not None:
+        if self.weights_source and self.weights_report is None and self.model is not None:
             self._load_model_weights()
         data_hparams = getattr(self._datamodule(), "hparams", None)
         data_format = data_hparams.get("image_format") if isinstance(data_hparams, Mapping) else None
@@ -151,28 +167,28 @@ class DetectionTask(L.LightningModule):
             )
 
     def _load_model_weights(self) -> None:
-        """``MODEL.WEIGHTS``: a full detector checkpoint (official, detrex, mmdetection or ours), class rows
-        chosen by the datamodule's category ids (see :func:`focalnet_pl.load_detector_weights`)."""
+        """``weights`` / ``MODEL.WEIGHTS``: a full detector checkpoint (official, detrex, mmdetection or ours),
+        class rows chosen by the datamodule's category ids (see :func:`focalnet_pl.load_detector_weights`)."""
         metadata = self._data_metadata()
         class_ids = None
         if metadata is not None and metadata.get("thing_dataset_id_to_contiguous_id", None):
             to_dataset = {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
             class_ids = [to_dataset[i] for i in range(len(to_dataset))]
-        self.weights_report = load_detector_weights(self._require_model(), self.cfg.MODEL.WEIGHTS, class_ids=class_ids)
+        self.weights_report = load_detector_weights(self._require_model(), self.weights_source, class_ids=class_ids)
 
     def configure_model(self) -> None:
         """Shard with FSDP2 under ``FSDP2Strategy`` (no-op under other strategies, never twice)."""
         maybe_fully_shard(self, block_types=FSDP_BLOCK_TYPES)
 
-    #: metric that picks the best checkpoint
-    monitor_metric = "val/AP"
+    @property
+    def monitor_metric(self) -> str:
+        """The metric of the default ``ModelCheckpoint``: ``monitor``, else the task's own."""
+        return self.hparams.monitor or "val/AP"
 
     def configure_callbacks(self) -> list:
-        callbacks = default_task_callbacks(self.trainer, monitor=self.monitor_metric, mode="max",
-                                           checkpoint_every_n_steps=self.hparams.checkpoint_every_n_steps)
-        if self.hparams.log_samples:
-            callbacks.append(SamplePredictionLogger(self.hparams.log_samples))
-        return callbacks
+        hp = self.hparams
+        return default_task_callbacks(self.trainer, self.monitor_metric, hp.monitor_mode, hp.checkpoint_every_n_steps,
+                                      hp.log_samples)
 
     def _require_model(self) -> nn.Module:
         """The detectron2 model; it is built once its number of classes is known: from the config,
@@ -194,6 +210,28 @@ class DetectionTask(L.LightningModule):
         except (AttributeError, ValueError):
             return None
 
+    def architecture(self) -> dict[str, Any]:
+        """What this task's checkpoints record of the model (see :mod:`focalnet_pl.architecture`)."""
+        model = self._require_model()
+        backbone = next((m for m in model.modules() if isinstance(m, FocalNetBackbone)), None)
+        metadata = self._data_metadata() or self._checkpoint_metadata
+        data = getattr(self._datamodule(), "hparams", None) or {}
+        eval_size = [data["test_min_size"], data.get("test_max_size")] if "test_min_size" in data else None
+        levels = {f"MODEL.{name}.NUM_FEATURE_LEVELS": node.NUM_FEATURE_LEVELS
+                  for name, node in self.cfg.MODEL.items() if isinstance(node, CfgNode) and "NUM_FEATURE_LEVELS" in node}
+        return {
+            "task": "detection",
+            "meta_architecture": self.meta_architecture,
+            "focalnet": focalnet_settings(backbone.body.cfg, self.cfg.MODEL.FOCALNET.VARIANT) if backbone is not None else None,
+            "out_features": list(backbone.output_shape()) if backbone is not None else None,
+            "feature_levels": levels,
+            "mask_on": bool(self.cfg.MODEL.MASK_ON),
+            "num_classes": self.num_classes,
+            "class_names": list(metadata.thing_classes) if metadata is not None else None,
+            "input_format": self.cfg.INPUT.FORMAT,
+            "eval_size": eval_size,
+        }
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info: dict[str, Any] = {"meta_architecture": self.meta_architecture, "num_classes": self.num_classes}
         metadata = self._data_metadata() or self._checkpoint_metadata
@@ -201,8 +239,10 @@ class DetectionTask(L.LightningModule):
             info["thing_classes"] = list(metadata.thing_classes)
             info["thing_dataset_id_to_contiguous_id"] = dict(metadata.thing_dataset_id_to_contiguous_id)
         checkpoint["detection"] = info
+        checkpoint[ARCHITECTURE_KEY] = self.architecture()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        require_task_checkpoint(checkpoint, "model.init_args.weights (MODEL.WEIGHTS)")
         info = checkpoint.get("detection")
         if not isinstance(info, dict):
             raise ValueError("not a DetectionTask checkpoint (no 'detection' entry)")
@@ -217,7 +257,8 @@ class DetectionTask(L.LightningModule):
             )
         if self.model is None:
             self._build_model(info["num_classes"])
-        elif info["num_classes"] != self.num_classes:
+        check_architecture(checkpoint.get(ARCHITECTURE_KEY), self.architecture())
+        if info["num_classes"] != self.num_classes:
             raise ValueError(
                 f"checkpoint model predicts {info['num_classes']} classes but this one predicts {self.num_classes}"
             )

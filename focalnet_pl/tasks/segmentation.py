@@ -43,7 +43,8 @@ class SegmentationTask(DetectionTask):
     """Train, evaluate (mIoU, PQ) and run Mask2Former built from a detectron2 config dict.
 
     Args (besides :class:`DetectionTask`'s ``detectron2``, ``lr``, ``backbone_lr``, ``weight_decay``,
-    ``lr_decay_epochs``, ``lr_decay_factor``, ``warmup_iters``, ``warmup_factor``, ``predict_output_dir``):
+    ``lr_decay_epochs``, ``lr_decay_factor``, ``warmup_iters``, ``warmup_factor``, ``predict_output_dir``,
+    ``monitor`` (``None``: PQ for panoptic configs, mIoU otherwise) and ``monitor_mode``):
         lr_schedule: ``poly``: ``(1 - step / max_steps) ** poly_power`` (Mask2Former ADE20K);
             ``step``: multiply by ``lr_decay_factor`` at each of ``lr_decay_epochs`` (COCO).
         max_steps: length of the poly schedule; ``None`` = the trainer's total optimizer steps.
@@ -69,13 +70,15 @@ class SegmentationTask(DetectionTask):
         on_nonfinite_loss: NonFiniteAction = "raise",
         checkpoint_every_n_steps: int | None = None,
         log_samples: int = 4,
+        monitor: str | None = None,
+        monitor_mode: Literal["max", "min"] = "max",
     ) -> None:
         super().__init__(
             detectron2=detectron2, lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay,
             lr_decay_epochs=lr_decay_epochs, lr_decay_factor=lr_decay_factor, warmup_iters=warmup_iters,
             warmup_factor=warmup_factor, predict_output_dir=predict_output_dir,
             on_nonfinite_loss=on_nonfinite_loss, checkpoint_every_n_steps=checkpoint_every_n_steps,
-            log_samples=log_samples,
+            log_samples=log_samples, monitor=monitor, monitor_mode=monitor_mode,
         )
         self.save_hyperparameters()
         if self.meta_architecture != "Mask2Former":
@@ -86,9 +89,9 @@ class SegmentationTask(DetectionTask):
         self._panoptic: PanopticQualityEvaluator | None = None
 
     @property
-    def monitor_metric(self) -> str:  # type: ignore[override]
-        """PQ for panoptic configs, mIoU otherwise."""
-        return "val/PQ" if self.cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON else "val/mIoU"
+    def monitor_metric(self) -> str:
+        """``monitor``, else PQ for panoptic configs and mIoU otherwise."""
+        return self.hparams.monitor or ("val/PQ" if self.cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON else "val/mIoU")
 
     # ---- model and data -----------------------------------------------------------------------
     def _mask2former(self) -> Mask2Former:

@@ -1,0 +1,49 @@
+"""The command line: a plain ``cli.py fit`` prints no warning the user did not cause; ``--ckpt_path best|last``."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from test_classification import TINY, _write_imagefolder
+
+from focalnet_pl.cli import FocalNetCLI
+
+REPO = Path(__file__).resolve().parents[1]
+#: what Python's and Lightning's warnings look like on stderr (``path.py:12: Message``, ``...Warning: ...``)
+WARNING_LINE = re.compile(r"^\S+\.py:\d+: |Warning\b|💡|Tip:|will override")
+
+
+def test_plain_fit_is_quiet_then_test_finds_best(tmp_path: Path) -> None:
+    root = _write_imagefolder(tmp_path / "data", n_per_class=4)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 2, "log_every_n_steps": 1,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path / "runs")},
+        "model": {"class_path": "focalnet_pl.tasks.ClassificationTask",
+                  "init_args": {"model_overrides": TINY, "lr_reference_batch": None, "log_samples": 0}},
+        "data": {"class_path": "datamodules.ImageNetDataModule",
+                 "init_args": {"root": str(root), "image_size": 32, "batch_size": 4, "num_workers": 0}},
+    }))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    fit = subprocess.run([sys.executable, "cli.py", "fit", "--config", str(config),
+                          "--model.init_args.monitor", "val/loss", "--model.init_args.monitor_mode", "min"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    noise = [line for line in fit.stderr.splitlines() if WARNING_LINE.search(line)]
+    assert noise == [], "\n".join(noise)
+    assert "Seed set to 0" in fit.stderr  # the messages that tell the user something stay
+    (folder,) = (tmp_path / "runs").glob("lightning_logs/version_*/checkpoints")
+    (best,) = folder.glob("epoch*-val_loss*.ckpt")  # the task's default ModelCheckpoint, on the `monitor` setting
+    state = torch.load(folder / "last.ckpt", weights_only=True)
+    (checkpoint_state,) = [v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert Path(checkpoint_state["best_model_path"]) == best and "'mode': 'min'" in next(
+        k for k in state["callbacks"] if k.startswith("ModelCheckpoint"))
+
+    tested = FocalNetCLI(args=["test", "--config", str(config), "--ckpt_path", "best"])
+    assert tested.config.test.ckpt_path == str(best)  # resolved before Lightning read its hyper-parameters
+    assert "test/acc1" in tested.trainer.callback_metrics
