@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     parser.add_argument("--tf32", action="store_true", help="GPU: TF32 for matmuls and convolutions alike")
+    parser.add_argument("--fastpath", choices=cpu_fastpath.MODES, default="auto",
+                        help="CPU fast paths: measured per shape class (auto), always (on) or never (off)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -110,7 +112,9 @@ def main() -> None:
     torch.manual_seed(0)
     precision = ("TF32" if args.tf32 else "strict float32") if device.type == "cuda" else "float32"
     print(f"torch {torch.__version__}, timm {timm.__version__}, device {device}, {precision}, "
-          f"threads {torch.get_num_threads()}\n")
+          f"threads {torch.get_num_threads()}")
+    print(f"CPU: {cpu_fastpath.cpu_description()}; CPU fast paths: {args.fastpath}\n")
+    cpu_fastpath.set_mode(args.fastpath)
 
     print("### Throughput at 224 px, batch", args.batch, "(images/s; ratio = ours / timm)\n")
     print(row(["model", "mode", "timm", "ours", "ratio", "timm channels_last", "ours channels_last input", "ratio"]))
@@ -152,6 +156,10 @@ def main() -> None:
         achieved = flops / t["ours"] / 1e9
         print(row([res, f"{t['timm'] * 1e3:.1f}", f"{t['ours'] * 1e3:.1f}", f"{t['timm'] / t['ours']:.2f}x",
                    f"{flops / 1e9:.2f}", f"{achieved:.1f}", f"{100 * achieved / peak:.0f}%"]))
+    if device.type == "cpu" and args.fastpath == "auto":
+        print("\nCPU fast-path choices measured in this run (shape class: best times -> choice):")
+        for line in cpu_fastpath.calibration_report():
+            print("  " + line)
 
 
 if __name__ == "__main__":

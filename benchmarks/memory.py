@@ -154,6 +154,31 @@ def dino_head_activations_gb(image_size: tuple[int, int], strides: Iterable[int]
     return without / GB, with_checkpointing / GB
 
 
+def activations_gb(config: Path, image_size: tuple[int, int]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((backbone, DINO transformer) without, (backbone, transformer) with activation checkpointing), GB,
+    for the model of ``config`` at ``image_size``, batch 1, bf16."""
+    spec = yaml.safe_load(config.read_text())["model"]["init_args"]["detectron2"]["MODEL"]
+    dino = spec.get("DINO", {})
+    bb_none, bb_ckpt = backbone_activations_gb(spec["FOCALNET"]["VARIANT"], image_size)
+    levels = dino.get("NUM_FEATURE_LEVELS", 5)
+    strides = [2 ** int(name[-1]) for name in dino.get("IN_FEATURES", ["res3", "res4", "res5"])]
+    while len(strides) < levels:  # extra levels: stride-2 convolutions on the last map
+        strides.append(strides[-1] * 2)
+    head_none, head_ckpt = dino_head_activations_gb(
+        image_size, strides=strides,
+        hidden=dino.get("HIDDEN_DIM", 256), ffn=dino.get("DIM_FEEDFORWARD", 2048),
+        enc_layers=dino.get("ENC_LAYERS", 6), dec_layers=dino.get("DEC_LAYERS", 6),
+        queries=dino.get("NUM_QUERIES", 900) + 2 * dino.get("DN_NUMBER", 100), heads=dino.get("NHEADS", 8),
+        levels=levels, points=dino.get("ENC_N_POINTS", 4))
+    return (bb_none, head_none), (bb_ckpt, head_ckpt)
+
+
+def fsdp_total_gb(config: Path, stats: ModelStats, gpus: int, image_size: tuple[int, int], checkpointing: bool) -> float:
+    """Estimated GB per GPU of FSDP2 training: model states plus activations."""
+    activations = activations_gb(config, image_size)[1 if checkpointing else 0]
+    return sum(fsdp_states_gb(stats, gpus).values()) + sum(activations)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs/dino_focalnet_h.yaml")
@@ -165,21 +190,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model, name = build_meta_model(args.config)
     stats = model_stats(model, name, args.unit_types)
-    spec = yaml.safe_load(args.config.read_text())["model"]["init_args"]["detectron2"]["MODEL"]
-    variant = spec["FOCALNET"]["VARIANT"]
-    dino = spec.get("DINO", {})
     size = tuple(args.image_size)
-    bb_none, bb_ckpt = backbone_activations_gb(variant, size)
-    levels = dino.get("NUM_FEATURE_LEVELS", 5)
-    strides = [2 ** int(name[-1]) for name in dino.get("IN_FEATURES", ["res3", "res4", "res5"])]
-    while len(strides) < levels:  # extra levels: stride-2 convolutions on the last map
-        strides.append(strides[-1] * 2)
-    head_none, head_ckpt = dino_head_activations_gb(
-        size, strides=strides,
-        hidden=dino.get("HIDDEN_DIM", 256), ffn=dino.get("DIM_FEEDFORWARD", 2048),
-        enc_layers=dino.get("ENC_LAYERS", 6), dec_layers=dino.get("DEC_LAYERS", 6),
-        queries=dino.get("NUM_QUERIES", 900) + 2 * dino.get("DN_NUMBER", 100), heads=dino.get("NHEADS", 8),
-        levels=levels, points=dino.get("ENC_N_POINTS", 4))
+    (bb_none, head_none), (bb_ckpt, head_ckpt) = activations_gb(args.config, size)
 
     print(f"# {stats.name}")
     print(f"parameters: {stats.total / 1e6:.1f}M (backbone {stats.backbone / 1e6:.1f}M); "

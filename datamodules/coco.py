@@ -445,7 +445,8 @@ def collate_as_list(batch: list[dict]) -> list[dict]:
 class ListOfDictsDataModule(ResumableDataModule):
     """Base of the detectron2-format datamodules: the :class:`MappedDataset` of each split, set up in
     ``self._datasets``, served in detectron2's batches (lists of per-image dicts); shuffled, dropping
-    the last batch, when training."""
+    the last batch, when training. Images are decoded in the loader's worker processes and, when CUDA is
+    available, their tensors pinned, so the step copies them to the GPU without waiting."""
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int) -> None:
         super().__init__()
@@ -460,8 +461,17 @@ class ListOfDictsDataModule(ResumableDataModule):
         return self.loader(
             self._datasets[split], f"{split}_dataloader", self.batch_size if train else self.eval_batch_size,
             train=train, drop_last=train, collate_fn=collate_as_list, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """The records' tensors (image, segmentation maps) go to ``device`` without making the host wait;
+        ``instances`` stay on the host, where the models check them before copying what they need
+        (Lightning's default would copy every field of them, waiting for each copy)."""
+        if not (isinstance(batch, list) and all(isinstance(record, dict) for record in batch)):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        return [{key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+                 for key, value in record.items()} for record in batch]
 
     def train_dataloader(self) -> GuardedLoader:
         return self._loader("train", train=True)

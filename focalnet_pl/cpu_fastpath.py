@@ -25,10 +25,21 @@ float32 CPU tensors, without autocast, ``torch.compile`` tracing, sharded (DTens
 hooks or replaced layers (such as adapters); the block path also needs eval mode, no autograd and no
 modulation-map recording. Everything else takes the plain PyTorch path. ``docs/benchmarks.md`` has the
 measurements.
+
+Whether a fast path is faster depends on the CPU (vector width, caches, the MKL and oneDNN kernels it
+gets), so where one applies it is not assumed but measured: the first time a shape class (layer widths,
+tokens rounded to a power of two, thread count) comes by, every candidate (plain; chunked with and
+without oneDNN's fused convolution; the three-GEMM projection or not) runs on the actual input a few
+times, interleaved, and the fastest (best time) is kept for the rest of the process
+(:func:`calibration_report` lists the choices). ``FOCALNET_PL_CPU_FASTPATH=on`` takes the fast paths
+without measuring, ``off`` never takes them (also :func:`set_enabled`).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -40,8 +51,8 @@ if TYPE_CHECKING:
     from focalnet_pl.focalnet import FocalModulation, FocalNetBlock
 
 __all__ = [
-    "CHUNK_TOKENS", "ONEDNN_CONV", "FocalProjection", "applies", "block_forward", "disabled", "projection_applies",
-    "set_enabled",
+    "CHUNK_TOKENS", "MODES", "ONEDNN_CONV", "FocalProjection", "applies", "block_forward", "calibration_report",
+    "cpu_description", "disabled", "projection_applies", "set_enabled", "set_mode",
 ]
 
 #: tokens per chunk of token-wise work (2048 x 128 channels: 1 MB of input, 4 MB of MLP hidden layer)
@@ -49,12 +60,88 @@ CHUNK_TOKENS = 2048
 #: whether PyTorch's oneDNN convolution with a fused GELU post-op is available
 ONEDNN_CONV: bool = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 _enabled = True
+MODES = ("auto", "on", "off")
+#: ``auto``: measure which path is faster (default); ``on``: fast paths wherever they apply; ``off``: never
+_mode = os.environ.get("FOCALNET_PL_CPU_FASTPATH", "auto")
+if _mode not in MODES:
+    raise ValueError(f"FOCALNET_PL_CPU_FASTPATH={_mode!r}: expected one of {MODES}")
+#: runs of each candidate when calibrating (the best one counts)
+CALIBRATION_REPEATS = 3
+_decisions: dict[tuple, str] = {}
+_timings: dict[tuple, dict[str, float]] = {}
 
 
 def set_enabled(enabled: bool) -> None:
     """Switch the CPU fast paths on or off globally (on by default)."""
     global _enabled
     _enabled = enabled
+
+
+def set_mode(mode: str) -> str:
+    """``auto`` (measure), ``on`` or ``off`` (see the module docstring); returns the previous mode."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"CPU fast-path mode {mode!r}: expected one of {MODES}")
+    previous, _mode = _mode, mode
+    return previous
+
+
+def calibration_report() -> list[str]:
+    """One line per calibrated shape class: the candidates' best times and the choice."""
+    lines = []
+    for key, times in _timings.items():
+        measured = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in times.items())
+        lines.append(f"{key[0]} {key[1:]}: {measured} -> {_decisions[key]}")
+    return lines
+
+
+def _calibrated(key: tuple, candidates: dict[str, Callable[[], object]]) -> str:
+    """The fastest of ``candidates`` for ``key``: measured the first time (a warm-up, then
+    :data:`CALIBRATION_REPEATS` interleaved runs each, best time), remembered afterwards."""
+    choice = _decisions.get(key)
+    if choice is None:
+        times = dict.fromkeys(candidates, float("inf"))
+        # own (identity) saved-tensor hooks: inside activation checkpointing, the calibration's autograd
+        # graphs must not go through the checkpoint's hooks
+        with torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor):
+            for run in candidates.values():
+                run()
+            for _ in range(CALIBRATION_REPEATS):
+                for name, run in candidates.items():
+                    start = time.perf_counter()
+                    run()
+                    times[name] = min(times[name], time.perf_counter() - start)
+        choice = _decisions[key] = min(times, key=times.get)
+        _timings[key] = times
+    return choice
+
+
+def _tokens_class(x: torch.Tensor) -> int:
+    """Tokens of ``(B, H, W, C)`` rounded up to a power of two: one calibration per size class."""
+    return (x.numel() // x.shape[-1] - 1).bit_length()
+
+
+def cpu_description() -> str:
+    """Model, core count and vector ISA of this CPU, and what PyTorch's kernels were told to use."""
+    model = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name") and ":" in line:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+                if flags and model:
+                    break
+    except OSError:
+        pass
+    hardware = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512-BF16"), ("amx_tile", "AMX"),
+                                        ("avx2", "AVX2"), ("fma", "FMA")) if flag in flags]
+    limits = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                                                        "ONEDNN_MAX_CPU_ISA") if name in os.environ]
+    return (f"{model}, {os.cpu_count()} logical cores, hardware {'/'.join(hardware) or 'unknown ISA'}, "
+            f"ATen kernels {torch.backends.cpu.get_cpu_capability()}" + (f" ({', '.join(limits)})" if limits else ""))
 
 
 @contextmanager
@@ -88,8 +175,9 @@ def _unhooked(*modules: nn.Module) -> bool:
 
 
 def applies(block: FocalNetBlock, x: torch.Tensor) -> bool:
-    """True when ``block(x)`` can take :func:`block_forward` (see the module docstring)."""
-    return (
+    """True when ``block(x)`` can take :func:`block_forward` (see the module docstring) and, in ``auto``
+    mode, it was measured faster than the plain forward for this shape class."""
+    possible = (
         not block.training
         and not torch.is_grad_enabled()
         and not block.modulation.record_maps
@@ -97,11 +185,63 @@ def applies(block: FocalNetBlock, x: torch.Tensor) -> bool:
         and _plain_float32_cpu(x, block.norm2.weight)
         and _unmodified(block)
     )
+    return possible and (_mode == "on" or _block_choice(block, x) != "plain")
+
+
+def _block_key(block: FocalNetBlock, x: torch.Tensor) -> tuple:
+    modulation = block.modulation
+    return ("block", x.shape[-1], tuple(modulation.kernel_sizes), block.use_postln, modulation.ln is not None,
+            _tokens_class(x), torch.get_num_threads())
+
+
+def _block_choice(block: FocalNetBlock, x: torch.Tensor) -> str:
+    if _mode == "off":
+        return "plain"
+
+    def plain() -> None:
+        with disabled():
+            block(x)
+
+    candidates = {"plain": plain, "chunked": lambda: block_forward(block, x, onednn=False)}
+    if ONEDNN_CONV:
+        candidates["chunked+onednn"] = lambda: block_forward(block, x, onednn=True)
+    return _calibrated(_block_key(block, x), candidates)
 
 
 def projection_applies(f: nn.Module, x: torch.Tensor) -> bool:
-    """True when the focal projection ``f(x)`` can take :class:`FocalProjection`."""
-    return type(f) is nn.Linear and f.bias is not None and _plain_float32_cpu(x, f.weight) and _unhooked(f)
+    """True when the focal projection ``f(x)`` can take :class:`FocalProjection` and, in ``auto`` mode, it
+    was measured faster (forward + backward) than ``f(x)`` sliced for this shape class."""
+    possible = type(f) is nn.Linear and f.bias is not None and _plain_float32_cpu(x, f.weight) and _unhooked(f)
+    return possible and (_mode == "on" or (_mode == "auto" and _projection_choice(f, x) == "three GEMMs"))
+
+
+def _projection_choice(f: nn.Linear, x: torch.Tensor) -> str:
+    """Calibrate on detached copies (forward and backward, as in training), leaving ``f``'s gradients alone."""
+    batch, height, width, dim = x.shape
+    grad = torch.is_grad_enabled()
+    tokens = x.detach().reshape(-1, dim).requires_grad_(grad and x.requires_grad)
+    weight = f.weight.detach().requires_grad_(grad and f.weight.requires_grad)
+    bias = f.bias.detach().requires_grad_(grad and f.bias.requires_grad)
+    leaves = [t for t in (tokens, weight, bias) if t.requires_grad]
+    gates = f.weight.shape[0] - 2 * dim
+    grads = (torch.ones(tokens.shape[0], dim), torch.ones(tokens.shape[0], dim), torch.ones(tokens.shape[0], gates))
+
+    def backward(outputs: tuple[torch.Tensor, ...]) -> None:
+        if leaves:
+            torch.autograd.backward(outputs, [g.view_as(o) for g, o in zip(grads, outputs)], inputs=leaves)
+            for leaf in leaves:
+                leaf.grad = None
+
+    def three_gemms() -> None:
+        backward(FocalProjection.apply(tokens, weight, bias, dim))
+
+    def linear() -> None:
+        qcg = F.linear(tokens.view(batch, height, width, dim), weight, bias)
+        context = qcg[..., dim : 2 * dim].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        backward((qcg[..., :dim], context.permute(0, 2, 3, 1), qcg[..., 2 * dim :]))
+
+    key = ("projection", dim, gates, _tokens_class(x), torch.get_num_threads(), bool(leaves))
+    return _calibrated(key, {"linear": linear, "three GEMMs": three_gemms})
 
 
 def _unmodified(block: FocalNetBlock) -> bool:
@@ -174,10 +314,10 @@ def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def _conv_gelu(x: torch.Tensor, layer: nn.Sequential) -> torch.Tensor:
-    """``layer`` (depthwise conv + GELU) on channels-last ``x``, the GELU fused into oneDNN's kernel."""
+def _conv_gelu(x: torch.Tensor, layer: nn.Sequential, onednn: bool) -> torch.Tensor:
+    """``layer`` (depthwise conv + GELU) on channels-last ``x``, with ``onednn`` the GELU fused into oneDNN's kernel."""
     conv = layer[0]
-    if not ONEDNN_CONV:
+    if not (onednn and ONEDNN_CONV):
         return layer(x)
     return torch.ops.mkldnn._convolution_pointwise(
         x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
@@ -202,13 +342,15 @@ def _project(block: FocalNetBlock, tokens: torch.Tensor, shape: tuple[int, int, 
     return query, context, gates
 
 
-def _focal_levels(modulation: FocalModulation, context: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _focal_levels(
+    modulation: FocalModulation, context: torch.Tensor, onednn: bool
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each level's context as ``(M, C)`` rows, and the global context ``(B, C)``."""
     C = modulation.dim
     x = context.permute(0, 3, 1, 2)  # the NHWC buffer seen as channels-last NCHW
     levels = []
     for layer in modulation.focal_layers:
-        x = _conv_gelu(x, layer)
+        x = _conv_gelu(x, layer, onednn)
         levels.append(x.permute(0, 2, 3, 1).reshape(-1, C))
     return levels, F.gelu(x.mean(dim=(2, 3)))
 
@@ -243,13 +385,18 @@ def _add_residual(
     return torch.addcmul(x, branch, gamma, out=out)
 
 
-def block_forward(block: FocalNetBlock, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` at CPU inference, for ``x`` of shape ``(B, H, W, C)`` (check :func:`applies` first)."""
+def block_forward(block: FocalNetBlock, x: torch.Tensor, onednn: bool | None = None) -> torch.Tensor:
+    """``block(x)`` at CPU inference, for ``x`` of shape ``(B, H, W, C)`` (check :func:`applies` first).
+
+    ``onednn``: depthwise convolutions with oneDNN's fused GELU; by default as calibrated for this shape
+    class (or wherever available in ``on`` mode)."""
+    if onednn is None:
+        onednn = _mode == "on" or _decisions.get(_block_key(block, x), "chunked+onednn") == "chunked+onednn"
     B, H, W, C = x.shape
     tokens = x.reshape(-1, C)
     modulation, mlp = block.modulation, block.mlp
     query, context, gates = _project(block, tokens, (B, H, W, C))
-    levels, global_context = _focal_levels(modulation, context)
+    levels, global_context = _focal_levels(modulation, context, onednn)
     out = torch.empty_like(tokens)
     for start, stop in _row_chunks(tokens.shape[0]):
         branch = _modulate(modulation, query, levels, global_context, gates, start, stop, H * W)

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -161,9 +161,6 @@ def maybe_fully_shard(module: L.LightningModule, block_types: Iterable[type | st
     if is_fully_sharded(module):
         log.debug("%s is already sharded; configure_model leaves it as it is", type(module).__name__)
         return False
-    from torch.distributed._composable import checkpoint as activation_checkpoint
-    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
     policy = strategy.sharding_policy if isinstance(strategy, FSDP2Strategy) else ShardingPolicy()
     mesh = module.device_mesh
     names = mesh.mesh_dim_names or ()
@@ -187,6 +184,23 @@ def maybe_fully_shard(module: L.LightningModule, block_types: Iterable[type | st
     if unused:
         log.info("FSDP2: block types not present in %s: %s", type(module).__name__, ", ".join(unused))
 
+    roots = shard_units(module, [unit for unit, _ in units], policy, dp_mesh)
+    log.info(
+        "FSDP2: sharded %s over %d processes: %s + %d root unit(s)%s%s",
+        type(module).__name__, dp_mesh.size(), ", ".join(f"{n} {k}" for k, n in sorted(found.items())), len(roots),
+        ", activation checkpointing" if policy.activation_checkpointing else "",
+        f", compute in {policy.param_dtype}" if policy.param_dtype is not None else "",
+    )
+    return True
+
+
+def shard_units(module: nn.Module, units: list[nn.Module], policy: ShardingPolicy, mesh: Any) -> list[nn.Module]:
+    """Apply FSDP2 to ``units`` (sub-modules of ``module``, in ``module.modules()`` order) and then, as root
+    units, to each direct child of ``module`` that still owns parameters; activation checkpointing and
+    mixed precision per ``policy``. Returns the root units. (:func:`maybe_fully_shard` without Lightning.)"""
+    from torch.distributed._composable import checkpoint as activation_checkpoint
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
     offload = CPUOffloadPolicy() if policy.cpu_offload else OffloadPolicy()
     block_mp = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype)
     # root units hand float32 outputs back to the task's losses and metrics
@@ -197,22 +211,16 @@ def maybe_fully_shard(module: L.LightningModule, block_types: Iterable[type | st
             if sub is not module and callable(getattr(sub, "set_grad_checkpointing", None)):
                 sub.set_grad_checkpointing(False)
     # modules() is pre-order: reversed, nested units are sharded before the units containing them
-    for unit, _ in reversed(units):
+    for unit in reversed(units):
         if policy.activation_checkpointing:
             activation_checkpoint(unit)
-        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=policy.reshard_after_forward,
+        fully_shard(unit, mesh=mesh, reshard_after_forward=policy.reshard_after_forward,
                     mp_policy=block_mp, offload_policy=offload)
     roots = [child for child in module.children()
              if not isinstance(child, FSDPModule) and any(True for _ in child.parameters())]
     for root in roots:
-        fully_shard(root, mesh=dp_mesh, reshard_after_forward=False, mp_policy=root_mp, offload_policy=offload)
-    log.info(
-        "FSDP2: sharded %s over %d processes: %s + %d root unit(s)%s%s",
-        type(module).__name__, dp_mesh.size(), ", ".join(f"{n} {k}" for k, n in sorted(found.items())), len(roots),
-        ", activation checkpointing" if policy.activation_checkpointing else "",
-        f", compute in {policy.param_dtype}" if policy.param_dtype is not None else "",
-    )
-    return True
+        fully_shard(root, mesh=mesh, reshard_after_forward=False, mp_policy=root_mp, offload_policy=offload)
+    return roots
 
 
 def is_distributed_checkpoint(path: str | Path) -> bool:

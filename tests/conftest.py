@@ -7,6 +7,9 @@ import torch
 import yaml
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the CPU fast paths without measuring them first (tests check numbers, not speed; test_cpu_fastpath.py
+# tests the measuring itself)
+os.environ.setdefault("FOCALNET_PL_CPU_FASTPATH", "on")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

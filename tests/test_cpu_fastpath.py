@@ -1,8 +1,18 @@
-"""The chunked CPU inference path gives the plain forward's numbers and is taken only at CPU inference."""
+"""The chunked CPU inference path gives the plain forward's numbers and is taken only at CPU inference; in
+``auto`` mode each path is chosen by measuring it."""
 import pytest
 import torch
 
 from focalnet_pl import cpu_fastpath, create_focalnet
+
+
+@pytest.fixture(autouse=True)
+def fast_paths_on():
+    """The tests below check where the fast paths may apply: take them without measuring (the tests of
+    ``auto`` mode switch to it)."""
+    previous = cpu_fastpath.set_mode("on")
+    yield
+    cpu_fastpath.set_mode(previous)
 
 
 @pytest.fixture
@@ -10,9 +20,9 @@ def chunked_calls(monkeypatch):
     calls = []
     original = cpu_fastpath.block_forward
 
-    def counting(block, x):
+    def counting(block, x, **kwargs):
         calls.append(x.shape)
-        return original(block, x)
+        return original(block, x, **kwargs)
 
     monkeypatch.setattr(cpu_fastpath, "block_forward", counting)
     return calls
@@ -134,4 +144,100 @@ def test_training_gradients_match_the_plain_path(monkeypatch):
         plain = gradients()
     assert len(calls) == 5
     for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def calibrating(monkeypatch):
+    """``auto`` mode with fresh decisions and a fake clock under which every run takes ``costs[candidate]``."""
+    cpu_fastpath.set_mode("auto")
+    monkeypatch.setattr(cpu_fastpath, "_decisions", {})
+    monkeypatch.setattr(cpu_fastpath, "_timings", {})
+    costs, clock, runs = {}, [0.0], []
+
+    def fake_calibrated(key, candidates):
+        def timed(name, run):
+            def wrapped():
+                runs.append(name)
+                run()
+                clock[0] += costs.get(name, 1.0)
+            return wrapped
+        return original(key, {name: timed(name, run) for name, run in candidates.items()})
+
+    original = cpu_fastpath._calibrated
+    monkeypatch.setattr(cpu_fastpath, "_calibrated", fake_calibrated)
+    monkeypatch.setattr(cpu_fastpath.time, "perf_counter", lambda: clock[0])
+    return costs, runs
+
+
+@pytest.mark.parametrize("fastest", ["plain", "chunked", "chunked+onednn"])
+def test_auto_mode_measures_once_per_shape_class_and_keeps_the_fastest(calibrating, chunked_calls, fastest):
+    costs, runs = calibrating
+    if fastest == "chunked+onednn" and not cpu_fastpath.ONEDNN_CONV:
+        pytest.skip("no oneDNN convolution in this build")
+    costs.update({"plain": 2.0, "chunked": 2.0, "chunked+onednn": 2.0, fastest: 1.0})
+    blocks = {"plain", "chunked", "chunked+onednn"}
+    model = _perturbed_model()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        with cpu_fastpath.disabled():
+            plain = model(x)
+        first = model(x)
+        calibrations, chunked_before = len(runs), len(chunked_calls)
+        second = model(x)
+    candidates = 3 if cpu_fastpath.ONEDNN_CONV else 2
+    # one calibration per stage (each stage is its own shape class): warm-up + repeats of every candidate
+    assert sum(name in blocks for name in runs) == 4 * candidates * (1 + cpu_fastpath.CALIBRATION_REPEATS)
+    assert len(runs) == calibrations  # remembered: the second forward measured nothing
+    block_choices = {line.rsplit("-> ", 1)[1] for line in cpu_fastpath.calibration_report() if line.startswith("block")}
+    assert block_choices == {fastest}
+    assert (len(chunked_calls) > chunked_before) == (fastest != "plain")  # the second forward took the choice
+    torch.testing.assert_close(first, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fastest", ["linear", "three GEMMs"])
+def test_auto_mode_projection_choice_leaves_gradients_alone(calibrating, fastest):
+    costs, runs = calibrating
+    costs.update({"linear": 2.0, "three GEMMs": 2.0, fastest: 1.0})
+    model = _perturbed_model().train()
+    x = torch.randn(2, 3, 48, 40)
+    target = torch.tensor([1, 5])
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(1)  # same drop-path draws
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    with cpu_fastpath.disabled():
+        plain = gradients()
+    calibrated = gradients()  # calibration runs on detached copies: the model's gradients are one step's
+    assert runs and {line.rsplit("-> ", 1)[1] for line in cpu_fastpath.calibration_report()} == {fastest}
+    for a, b in zip(calibrated, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_mode_names_and_cpu_description():
+    with pytest.raises(ValueError, match="'fast'"):
+        cpu_fastpath.set_mode("fast")
+    description = cpu_fastpath.cpu_description()
+    assert "ATen kernels" in description and torch.backends.cpu.get_cpu_capability() in description
+
+
+def test_auto_mode_calibrates_inside_activation_checkpointing(monkeypatch):
+    cpu_fastpath.set_mode("auto")
+    monkeypatch.setattr(cpu_fastpath, "_decisions", {})
+    monkeypatch.setattr(cpu_fastpath, "_timings", {})
+    model = _perturbed_model(grad_checkpointing=True).train()
+    x = torch.randn(1, 3, 32, 48)
+    torch.manual_seed(1)  # same drop-path draws
+    model(x).sum().backward()  # calibrates under the checkpoint's saved-tensor hooks, then recomputes
+    assert any(line.startswith("projection") for line in cpu_fastpath.calibration_report())
+    checkpointed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.manual_seed(1)
+    with cpu_fastpath.disabled():
+        model(x).sum().backward()
+    for a, b in zip(checkpointed, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -7,6 +7,8 @@ denoising queries, whose targets are known by construction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -14,6 +16,7 @@ from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from focalnet_pl.dino.denoising import DenoisingMeta
 from focalnet_pl.dino.matcher import HungarianMatcher
+from focalnet_pl.matching import indices_to_device
 
 Prediction = dict[str, Tensor]  # "pred_logits" (B, Q, K), "pred_boxes" (B, Q, 4)
 
@@ -38,24 +41,17 @@ class SetCriterion(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
-    def matched_losses(self, prediction: Prediction, targets: list[dict[str, Tensor]],
-                       indices: list[tuple[Tensor, Tensor]], num_boxes: float) -> dict[str, Tensor]:
+    def matched_losses(self, prediction: Prediction, matched: MatchedPairs, num_boxes: float | Tensor) -> dict[str, Tensor]:
         """Unweighted class / L1 / GIoU losses of one prediction set for the given query-target pairs."""
         logits, boxes = prediction["pred_logits"], prediction["pred_boxes"]
-        device = logits.device
-        batch_index = torch.cat([torch.full_like(q, image) for image, (q, _) in enumerate(indices)]).to(device)
-        query_index = torch.cat([q for q, _ in indices]).to(device)
-        matched_labels = torch.cat([t["labels"][tg.to(t["labels"].device)] for t, (_, tg) in zip(targets, indices)])
-        matched_targets = torch.cat([t["boxes"][tg.to(t["boxes"].device)] for t, (_, tg) in zip(targets, indices)])
-
         one_hot = torch.zeros_like(logits)
-        one_hot[batch_index, query_index, matched_labels.to(device)] = 1.0
+        one_hot[matched.images, matched.queries, matched.labels] = 1.0
         loss_class = sigmoid_focal_loss(
             logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
         ) / num_boxes
 
-        matched_boxes = boxes[batch_index, query_index]
-        matched_targets = matched_targets.to(device, matched_boxes.dtype)
+        matched_boxes = boxes[matched.images, matched.queries]
+        matched_targets = matched.boxes.to(matched_boxes.dtype)
         loss_bbox = (matched_boxes - matched_targets).abs().sum() / num_boxes
         giou = torch.diag(generalized_box_iou(
             box_convert(matched_boxes, "cxcywh", "xyxy"), box_convert(matched_targets, "cxcywh", "xyxy")
@@ -67,12 +63,14 @@ class SetCriterion(nn.Module):
         return {f"{name}{suffix}": value * self.weights[name] for name, value in losses.items()}
 
     @staticmethod
-    def _average_num_boxes(count: int, device: torch.device) -> float:
-        total = torch.tensor([float(count)], device=device)
+    def _average_num_boxes(count: int, device: torch.device) -> float | Tensor:
+        """Ground-truth boxes per process, at least 1: a host number, or with several processes a device
+        tensor (averaged over them without waiting for the result)."""
         if dist.is_available() and dist.is_initialized():
+            total = torch.tensor([float(count)]).to(device, non_blocking=True)
             dist.all_reduce(total)
-            total = total / dist.get_world_size()
-        return max(total.item(), 1.0)
+            return (total / dist.get_world_size()).clamp(min=1.0)
+        return max(float(count), 1.0)
 
     def forward(
         self,
@@ -84,28 +82,57 @@ class SetCriterion(nn.Module):
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
         """Losses of the final layer (no suffix), ``aux_outputs[i]`` (``_i``), the encoder proposals
-        (``_interm``) and the denoising queries of every layer (``_dn`` last layer, ``_dn_i``)."""
+        (``_interm``) and the denoising queries of every layer (``_dn`` last layer, ``_dn_i``).
+
+        All prediction sets are matched at once (one device-to-host copy of their cost matrices) and the
+        matched indices of all sets, denoising included, go to the device in one asynchronous copy.
+        """
         device = outputs["pred_logits"].device
         num_boxes = self._average_num_boxes(sum(len(t["labels"]) for t in targets), device)
-        losses: dict[str, Tensor] = {}
         sets = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(aux_outputs)]
         if interm_outputs is not None:
             sets.append(("_interm", interm_outputs))
-        for suffix, prediction in sets:
-            indices = self.matcher(prediction["pred_logits"], prediction["pred_boxes"], targets)
-            losses.update(self._weighted(self.matched_losses(prediction, targets, indices, num_boxes), suffix))
+        indices = self.matcher.match_sets([(p["pred_logits"], p["pred_boxes"]) for _, p in sets], targets)
+        denoising = dn_outputs is not None and dn_meta is not None
+        if denoising:
+            indices.append([dn_meta.positive_indices(image) for image in range(len(targets))])
+        matched = MatchedPairs.gather(indices, targets, device)
 
+        losses: dict[str, Tensor] = {}
+        for (suffix, prediction), pairs in zip(sets, matched):
+            losses.update(self._weighted(self.matched_losses(prediction, pairs, num_boxes), suffix))
         if dn_outputs is not None:
             dn_suffixes = [f"_dn_{i}" for i in range(len(dn_outputs) - 1)] + ["_dn"]
-            if dn_meta is None:
+            if not denoising:
                 # nothing to denoise in this batch: zero terms keep the logged keys and the graph stable
                 for suffix, prediction in zip(dn_suffixes, dn_outputs):
                     zero = prediction["pred_boxes"].sum() * 0.0
                     losses.update({f"{name}{suffix}": zero for name in self.weights})
             else:
-                indices = [dn_meta.positive_indices(image) for image in range(len(targets))]
                 dn_num_boxes = num_boxes * dn_meta.groups
                 for suffix, prediction in zip(dn_suffixes, dn_outputs):
-                    raw = self.matched_losses(prediction, targets, indices, dn_num_boxes)
-                    losses.update(self._weighted(raw, suffix))
+                    losses.update(self._weighted(self.matched_losses(prediction, matched[-1], dn_num_boxes), suffix))
         return losses
+
+
+@dataclass
+class MatchedPairs:
+    """The matched (image, query) -> target pairs of one prediction set, as device index tensors, with the
+    targets' labels and boxes gathered in the same order."""
+
+    images: Tensor
+    queries: Tensor
+    labels: Tensor
+    boxes: Tensor
+
+    @staticmethod
+    def gather(indices: list[list[tuple[Tensor, Tensor]]], targets: list[dict[str, Tensor]],
+               device: torch.device) -> list[MatchedPairs]:
+        """``indices[set][image] = (query_indices, target_indices)`` (host tensors) -> one
+        :class:`MatchedPairs` per set; one host-to-device copy for all sets."""
+        labels = torch.cat([t["labels"] for t in targets]).to(device, non_blocking=True)
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device, non_blocking=True)
+        return [
+            MatchedPairs(images, queries, labels[flat_targets], boxes[flat_targets])
+            for images, queries, flat_targets in indices_to_device(indices, [len(t["labels"]) for t in targets], device)
+        ]

@@ -163,7 +163,7 @@ class DINO(nn.Module):
         """Normalise, pad into one batch; returns the ImageList and the (B, H, W) padding mask (True = pad)."""
         dtype = self.input_proj[0][0].weight.dtype
         mean, std = self.pixel_mean.to(dtype), self.pixel_std.to(dtype)
-        images = [(x["image"].to(self.device, dtype) - mean) / std for x in batched_inputs]
+        images = [(x["image"].to(self.device, dtype, non_blocking=True) - mean) / std for x in batched_inputs]
         image_list = ImageList.from_tensors(images, self.size_divisibility)
         batch, _, height, width = image_list.tensor.shape
         mask = torch.ones(batch, height, width, dtype=torch.bool, device=self.device)
@@ -172,21 +172,25 @@ class DINO(nn.Module):
         return image_list, mask
 
     def prepare_targets(self, batched_inputs: list[dict], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        """gt boxes -> normalised (cx, cy, w, h) w.r.t. each image's unpadded size."""
+        """gt boxes -> normalised (cx, cy, w, h) w.r.t. each image's unpadded size.
+
+        Checked and converted where the loader left them (on the host: no device sync), then copied to the
+        device without waiting."""
         targets = []
         for index, (inputs, (height, width)) in enumerate(zip(batched_inputs, image_sizes)):
             if "instances" not in inputs:
                 raise KeyError(f"DINO training input {index} has no 'instances' (keys: {sorted(inputs)})")
-            instances = inputs["instances"].to(self.device)
-            scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=self.device)
-            boxes = box_convert(instances.gt_boxes.tensor.float() / scale, "xyxy", "cxcywh")
+            instances = inputs["instances"]
             labels = instances.gt_classes.long()
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ValueError(
                     f"DINO training input {index}: gt_classes {labels.unique().tolist()} outside "
                     f"[0, MODEL.DINO.NUM_CLASSES={self.num_classes})"
                 )
-            targets.append({"labels": labels, "boxes": boxes})
+            boxes = instances.gt_boxes.tensor.float()
+            boxes = box_convert(boxes / boxes.new_tensor([width, height, width, height]), "xyxy", "cxcywh")
+            targets.append({"labels": labels.to(self.device, non_blocking=True),
+                            "boxes": boxes.to(self.device, non_blocking=True)})
         return targets
 
     def multi_scale_features(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:

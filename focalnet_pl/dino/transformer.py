@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from focalnet_pl.dino.box_ops import inverse_sigmoid
-from focalnet_pl.layers import MultiScaleDeformableAttention
+from focalnet_pl.layers import MultiScaleDeformableAttention, spatial_shapes_list, spatial_shapes_tensor
 
 
 class MLP(nn.Module):
@@ -184,7 +184,7 @@ class DeformableTransformer(nn.Module):
     def encoder_reference_points(shapes: Tensor, valid_ratios: Tensor) -> Tensor:
         """Pixel centres of every level, normalised by the valid area -> ``(B, S, L, 2)``."""
         points = []
-        for level, (height, width) in enumerate(shapes.tolist()):
+        for level, (height, width) in enumerate(spatial_shapes_list(shapes)):
             ys, xs = torch.meshgrid(
                 torch.arange(height, device=valid_ratios.device, dtype=torch.float32) + 0.5,
                 torch.arange(width, device=valid_ratios.device, dtype=torch.float32) + 0.5,
@@ -206,7 +206,7 @@ class DeformableTransformer(nn.Module):
         batch = memory.shape[0]
         proposals = []
         start = 0
-        for level, (height, width) in enumerate(shapes.tolist()):
+        for level, (height, width) in enumerate(spatial_shapes_list(shapes)):
             level_mask = padding_mask[:, start:start + height * width].view(batch, height, width)
             valid_h = (~level_mask[:, :, 0]).sum(1).float()
             valid_w = (~level_mask[:, 0, :]).sum(1).float()
@@ -235,7 +235,7 @@ class DeformableTransformer(nn.Module):
         attn_mask: Tensor | None,
     ) -> TransformerOutput:
         """``features[l] (B, D, H_l, W_l)`` with their padding masks and position embeddings."""
-        shapes = torch.as_tensor([f.shape[-2:] for f in features], dtype=torch.long, device=features[0].device)
+        shapes = spatial_shapes_tensor([f.shape[-2:] for f in features], features[0].device)
         starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
         src = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)
         padding_mask = torch.cat([m.flatten(1) for m in padding_masks], 1)

@@ -7,6 +7,9 @@ from focalnet_pl.layers.ms_deform_attn import (
     ms_deform_attn_sample,
     ms_deform_attn_sample_pytorch,
     register_fused_kernel,
+    spatial_shapes_list,
+    spatial_shapes_tensor,
+    triton_kernel,
 )
 from focalnet_pl.layers.position_encoding import (
     DINOSinePositionEmbedding,
@@ -24,4 +27,7 @@ __all__ = [
     "ms_deform_attn_sample_pytorch",
     "register_fused_kernel",
     "sine_embedding",
+    "spatial_shapes_list",
+    "spatial_shapes_tensor",
+    "triton_kernel",
 ]

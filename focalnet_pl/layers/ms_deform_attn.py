@@ -1,22 +1,36 @@
 """Multi-scale deformable attention (Zhu et al., "Deformable DETR", 2021).
 
 The sampling core, :func:`ms_deform_attn_sample`, has a pure-PyTorch path built on
-:func:`torch.nn.functional.grid_sample` that runs on any device. A fused kernel (for example
-the CUDA extension compiled from the Deformable DETR sources, importable as
-``MultiScaleDeformableAttention``) is picked up automatically at import when present, and any
-other implementation can be plugged in with :func:`register_fused_kernel`. The PyTorch path is
-always available as the fallback.
+:func:`torch.nn.functional.grid_sample` that runs on any device, and dispatches to a fused kernel where
+one accepts the input. By default that is the Triton kernel of
+:mod:`focalnet_pl.layers.ms_deform_attn_triton` on CUDA (Triton ships with the CUDA builds of torch:
+nothing to compile at install), or else the CUDA extension compiled from the Deformable DETR sources
+(importable as ``MultiScaleDeformableAttention``) when it is installed. The environment variable
+``FOCALNET_PL_MSDA`` chooses at import: ``auto`` (default), ``triton`` (also on CPU tensors, through
+Triton's interpreter when ``TRITON_INTERPRET=1``), ``cuda-ext`` or ``pytorch`` (never fused). Any other
+implementation can be plugged in with :func:`register_fused_kernel`; the PyTorch path is always the
+fallback and the reference.
+
+Level shapes are needed on the host for the PyTorch path and for validation. For a device tensor they
+are read once (one device sync) and remembered for that tensor; :func:`spatial_shapes_tensor` builds the
+tensor from host sizes without any sync.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from focalnet_pl.matching import to_device_async
 
 __all__ = [
     "FusedKernel",
@@ -25,6 +39,9 @@ __all__ = [
     "ms_deform_attn_sample",
     "ms_deform_attn_sample_pytorch",
     "register_fused_kernel",
+    "spatial_shapes_list",
+    "spatial_shapes_tensor",
+    "triton_kernel",
 ]
 
 # (value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> output
@@ -59,7 +76,7 @@ def get_fused_kernel() -> FusedKernel | None:
     return _fused_kernel
 
 
-def _detect_compiled_extension() -> FusedKernel | None:
+def _compiled_extension_kernel() -> FusedKernel | None:
     """Wrap the Deformable DETR CUDA extension (``MultiScaleDeformableAttention``) if it is installed."""
     try:
         import MultiScaleDeformableAttention as msda_ext  # type: ignore[import-not-found]
@@ -87,7 +104,69 @@ def _detect_compiled_extension() -> FusedKernel | None:
     return FusedKernel(name="MultiScaleDeformableAttention(cuda-ext)", fn=run)
 
 
-register_fused_kernel(_detect_compiled_extension())
+def _triton_sample(value: Tensor, shapes: Tensor, starts: Tensor, locations: Tensor, weights: Tensor) -> Tensor:
+    from focalnet_pl.layers import ms_deform_attn_triton as kernels  # imports Triton on first use
+
+    if value.device.type == "cpu" and not kernels.INTERPRETED:
+        raise RuntimeError(
+            "the Triton deformable-attention kernel got CPU tensors: set TRITON_INTERPRET=1 before Triton is "
+            "imported to run it through Triton's interpreter, or FOCALNET_PL_MSDA=auto to use the PyTorch path"
+        )
+    return kernels.ms_deform_attn_triton(value, shapes, starts, locations, weights)
+
+
+def triton_kernel(device_types: tuple[str, ...] = ("cuda",)) -> FusedKernel:
+    """The Triton kernel as a :class:`FusedKernel` (``("cuda", "cpu")`` to run it on CPU via the interpreter)."""
+    return FusedKernel("triton", _triton_sample, device_types, (torch.float32, torch.bfloat16, torch.float16))
+
+
+MSDA_CHOICES = ("auto", "triton", "cuda-ext", "pytorch")
+
+
+def _default_fused_kernel(choice: str) -> FusedKernel | None:
+    """The kernel ``FOCALNET_PL_MSDA=choice`` asks for (see the module docstring)."""
+    if choice not in MSDA_CHOICES:
+        raise ValueError(f"FOCALNET_PL_MSDA={choice!r}: expected one of {MSDA_CHOICES}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if choice == "triton":
+        if not has_triton:
+            raise ImportError("FOCALNET_PL_MSDA=triton, but the triton package is not installed")
+        return triton_kernel(("cuda", "cpu"))
+    if choice == "cuda-ext":
+        kernel = _compiled_extension_kernel()
+        if kernel is None:
+            raise ImportError("FOCALNET_PL_MSDA=cuda-ext, but MultiScaleDeformableAttention is not importable")
+        return kernel
+    if choice == "auto":
+        return triton_kernel() if has_triton else _compiled_extension_kernel()
+    return None
+
+
+register_fused_kernel(_default_fused_kernel(os.environ.get("FOCALNET_PL_MSDA", "auto")))
+
+_host_shapes: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def spatial_shapes_tensor(sizes: Sequence[Sequence[int]], device: torch.device | str | None = None) -> Tensor:
+    """``(L, 2)`` long tensor of level sizes ``(H_l, W_l)`` on ``device``, copied there without waiting for
+    the device, and with its host copy remembered for :func:`spatial_shapes_list`."""
+    sizes = tuple((int(h), int(w)) for h, w in sizes)
+    tensor = torch.tensor(sizes, dtype=torch.long).view(-1, 2)
+    tensor = to_device_async(tensor, torch.device(device) if device is not None else tensor.device)
+    _host_shapes[tensor] = sizes
+    return tensor
+
+
+def spatial_shapes_list(spatial_shapes: Tensor) -> tuple[tuple[int, int], ...]:
+    """The level sizes of ``spatial_shapes`` as host ints: remembered for tensors made by
+    :func:`spatial_shapes_tensor`; read once (a device sync) and remembered for other device tensors
+    (shape tensors are treated as immutable); read each time for other CPU tensors."""
+    sizes = _host_shapes.get(spatial_shapes)
+    if sizes is None:
+        sizes = tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
+        if spatial_shapes.device.type != "cpu":
+            _host_shapes[spatial_shapes] = sizes
+    return sizes
 
 
 def _level_start_index(spatial_shapes: Tensor) -> Tensor:
@@ -102,9 +181,10 @@ def _check_shapes(value: Tensor, spatial_shapes: Tensor, locations: Tensor, weig
         raise ValueError(f"spatial_shapes must be (L, 2), got shape {tuple(spatial_shapes.shape)}")
     batch, length, heads, _ = value.shape
     levels = spatial_shapes.shape[0]
-    total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+    sizes = spatial_shapes_list(spatial_shapes)
+    total = sum(height * width for height, width in sizes)
     if total != length:
-        raise ValueError(f"spatial_shapes {spatial_shapes.tolist()} cover {total} positions but value has {length}")
+        raise ValueError(f"spatial_shapes {list(sizes)} cover {total} positions but value has {length}")
     if locations.dim() != 6 or locations.shape[0] != batch or locations.shape[2] != heads or locations.shape[3] != levels:
         raise ValueError(
             f"sampling_locations must be (B={batch}, Q, heads={heads}, L={levels}, P, 2), got {tuple(locations.shape)}"
@@ -134,13 +214,13 @@ def ms_deform_attn_sample_pytorch(
     """
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_levels = value.split(sizes, dim=1)
+    level_sizes = spatial_shapes_list(spatial_shapes)
+    value_levels = value.split([height * width for height, width in level_sizes], dim=1)
     # grid_sample works in [-1, 1]; fold heads into the batch dimension.
     grids = (2.0 * sampling_locations - 1.0).transpose(1, 2).flatten(0, 1)  # (B*heads, Q, L, P, 2)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
     output = None
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(level_sizes):
         value_map = value_levels[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
         sampled = F.grid_sample(
             value_map, grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False

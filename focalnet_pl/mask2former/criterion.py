@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from focalnet_pl.mask2former.matcher import HungarianMaskMatcher
-from focalnet_pl.mask2former.point_sampling import point_sample, sample_uncertain_points
+from focalnet_pl.mask2former.point_sampling import draw_point_candidates, point_sample, sample_uncertain_points
+from focalnet_pl.matching import indices_to_device
 
 __all__ = ["MaskSetCriterion"]
 
@@ -60,44 +61,61 @@ class MaskSetCriterion(nn.Module):
         for aux_index in range(num_aux_outputs):
             self.weight_dict.update({f"{name}_{aux_index}": weight for name, weight in base.items()})
 
-    def _class_loss(self, pred_logits: Tensor, targets: list[dict[str, Tensor]], indices) -> Tensor:
+    def _class_loss(self, pred_logits: Tensor, images: Tensor, queries: Tensor, labels: Tensor) -> Tensor:
         target_classes = torch.full(pred_logits.shape[:2], self.num_classes, dtype=torch.long, device=pred_logits.device)
-        for image_index, (query_index, target_index) in enumerate(indices):
-            target_classes[image_index, query_index.to(pred_logits.device)] = targets[image_index]["labels"][target_index]
+        target_classes[images, queries] = labels
         return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, self.class_weights)
 
-    def _mask_losses(self, pred_masks: Tensor, targets: list[dict[str, Tensor]], indices, num_masks: float) -> dict[str, Tensor]:
-        matched_predictions = torch.cat([pred_masks[i][q.to(pred_masks.device)] for i, (q, _) in enumerate(indices)])
-        matched_targets = torch.cat([targets[i]["masks"][t] for i, (_, t) in enumerate(indices)])
+    def _mask_losses(self, pred_masks: Tensor, images: Tensor, queries: Tensor, target_masks: Tensor,
+                     num_masks: float | Tensor, draws: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+        matched_predictions = pred_masks[images, queries]
         if matched_predictions.numel() == 0:
             zero = pred_masks.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero}
         matched_predictions = matched_predictions[:, None].float()
         with torch.no_grad():
             points = sample_uncertain_points(
-                matched_predictions, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+                matched_predictions, self.num_points, self.oversample_ratio, self.importance_sample_ratio, draws
             )
-            target_points = point_sample(matched_targets[:, None].float(), points).squeeze(1)
+            target_points = point_sample(target_masks[:, None].float(), points).squeeze(1)
         prediction_points = point_sample(matched_predictions, points).squeeze(1)
         return {
             "loss_mask": sigmoid_bce_loss(prediction_points, target_points, num_masks),
             "loss_dice": dice_loss(prediction_points, target_points, num_masks),
         }
 
-    def _losses(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], num_masks: float) -> dict[str, Tensor]:
-        indices = self.matcher(outputs["pred_logits"], outputs["pred_masks"], targets)
-        losses = {"loss_ce": self._class_loss(outputs["pred_logits"], targets, indices)}
-        losses.update(self._mask_losses(outputs["pred_masks"], targets, indices, num_masks))
-        return losses
-
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """``outputs``: ``pred_logits`` (B, Q, K+1), ``pred_masks`` (B, Q, H, W), ``aux_outputs`` list of the same."""
-        num_masks = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=outputs["pred_logits"].device)
+        """``outputs``: ``pred_logits`` (B, Q, K+1), ``pred_masks`` (B, Q, H, W), ``aux_outputs`` list of the same.
+
+        All layers are matched at once (one device-to-host copy of their cost matrices) and their matched
+        indices go to the device in one asynchronous copy. The random points are drawn first, in the order
+        a layer-by-layer loop draws them (matching points, then the loss's point candidates, per layer).
+        """
+        device = outputs["pred_logits"].device
+        counts = [len(t["labels"]) for t in targets]
+        num_masks: float | Tensor = max(float(sum(counts)), 1.0)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num_masks)
-            num_masks = num_masks / dist.get_world_size()
-        num_masks = max(float(num_masks), 1.0)
-        losses = self._losses(outputs, targets, num_masks)
-        for aux_index, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-            losses.update({f"{k}_{aux_index}": v for k, v in self._losses(aux_outputs, targets, num_masks).items()})
+            total = torch.tensor(float(sum(counts))).to(device, non_blocking=True)
+            dist.all_reduce(total)
+            num_masks = (total / dist.get_world_size()).clamp(min=1.0)
+        layers = [outputs, *outputs.get("aux_outputs", [])]
+        match_points, loss_draws = [], []
+        for layer in layers:
+            match_points.append(self.matcher.draw_points(targets, device))
+            num_matched = sum(min(layer["pred_logits"].shape[1], count) for count in counts)
+            loss_draws.append(draw_point_candidates(
+                num_matched, self.num_points, self.oversample_ratio, self.importance_sample_ratio, device
+            ) if num_matched else None)
+        indices = self.matcher.match_sets([(layer["pred_logits"], layer["pred_masks"]) for layer in layers], targets,
+                                          match_points)
+        labels = torch.cat([t["labels"] for t in targets])
+        masks = torch.cat([t["masks"] for t in targets])
+        losses = {}
+        for index, (layer, (images, queries, matched), draws) in enumerate(
+            zip(layers, indices_to_device(indices, counts, device), loss_draws)
+        ):
+            layer_losses = {"loss_ce": self._class_loss(layer["pred_logits"], images, queries, labels[matched])}
+            layer_losses.update(self._mask_losses(layer["pred_masks"], images, queries, masks[matched], num_masks, draws))
+            suffix = "" if index == 0 else f"_{index - 1}"
+            losses.update({f"{name}{suffix}": value for name, value in layer_losses.items()})
         return losses

@@ -232,13 +232,13 @@ class Mask2Former(nn.Module):
         for index, record in enumerate(batched_inputs):
             if "instances" not in record:
                 raise KeyError(f"training input {index} (image_id={record.get('image_id')!r}) has no 'instances'")
-            instances = record["instances"].to(self.device)
+            instances = record["instances"]
             masks = instances.gt_masks
-            masks = masks.tensor if isinstance(masks, BitMasks) else masks
+            masks = (masks.tensor if isinstance(masks, BitMasks) else masks).to(self.device, non_blocking=True)
             height, width = masks.shape[-2:]
             padded = masks.new_zeros((masks.shape[0], *padded_size))
             padded[:, :height, :width] = masks
-            targets.append({"labels": instances.gt_classes.long(), "masks": padded})
+            targets.append({"labels": instances.gt_classes.long().to(self.device, non_blocking=True), "masks": padded})
         return targets
 
     def forward(self, batched_inputs: list[dict[str, Any]]) -> dict[str, Tensor] | list[dict[str, Any]]:

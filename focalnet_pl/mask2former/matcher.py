@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from focalnet_pl.mask2former.point_sampling import point_sample
+from focalnet_pl.matching import assign
 
 __all__ = ["HungarianMaskMatcher", "batch_dice_cost", "batch_sigmoid_bce_cost"]
 
@@ -45,6 +47,10 @@ class HungarianMaskMatcher(nn.Module):
         self.cost_dice = cost_dice
         self.num_points = num_points
 
+    def draw_points(self, targets: list[dict[str, Tensor]], device: torch.device) -> list[Tensor | None]:
+        """The random points one matching uses: ``(1, num_points, 2)`` per image with targets, else None."""
+        return [torch.rand(1, self.num_points, 2, device=device) if t["labels"].numel() else None for t in targets]
+
     @torch.no_grad()
     def forward(self, pred_logits: Tensor, pred_masks: Tensor, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """Match per image.
@@ -57,24 +63,38 @@ class HungarianMaskMatcher(nn.Module):
         Returns:
             per image ``(query_indices, target_indices)``, both (min(Q, T),) long, sorted by query.
         """
-        indices = []
-        for image_index, target in enumerate(targets):
-            labels, masks = target["labels"], target["masks"]
-            if labels.numel() == 0:
-                empty = torch.zeros(0, dtype=torch.long)
-                indices.append((empty, empty))
-                continue
-            class_probabilities = pred_logits[image_index].float().softmax(-1)
-            cost_class = -class_probabilities[:, labels]
-            points = torch.rand(1, self.num_points, 2, device=pred_masks.device)
-            target_points = point_sample(masks[:, None].float(), points.expand(masks.shape[0], -1, -1)).squeeze(1)
-            query_masks = pred_masks[image_index][:, None].float()
-            query_points = point_sample(query_masks, points.expand(query_masks.shape[0], -1, -1)).squeeze(1)
-            cost = (
-                self.cost_class * cost_class
-                + self.cost_mask * batch_sigmoid_bce_cost(query_points, target_points)
-                + self.cost_dice * batch_dice_cost(query_points, target_points)
-            )
-            query_index, target_index = linear_sum_assignment(cost.cpu().numpy())
-            indices.append((torch.as_tensor(query_index, dtype=torch.long), torch.as_tensor(target_index, dtype=torch.long)))
+        return self.match_sets([(pred_logits, pred_masks)], targets)[0]
+
+    @torch.no_grad()
+    def match_sets(
+        self, predictions: Sequence[tuple[Tensor, Tensor]], targets: list[dict[str, Tensor]],
+        points: Sequence[list[Tensor | None]] | None = None,
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        """Match several ``(pred_logits, pred_masks)`` sets (the decoder layers) to the same targets, with one
+        device-to-host copy for all cost matrices. ``points[set]`` are the sets' :meth:`draw_points` (drawn
+        here, set by set, when not given). Returns ``[set][image] -> (query_indices, target_indices)``."""
+        costs, names, slots = [], [], []
+        for set_index, (pred_logits, pred_masks) in enumerate(predictions):
+            set_points = points[set_index] if points is not None else self.draw_points(targets, pred_masks.device)
+            for image_index, target in enumerate(targets):
+                labels, masks = target["labels"], target["masks"]
+                if labels.numel() == 0:
+                    continue
+                class_probabilities = pred_logits[image_index].float().softmax(-1)
+                cost_class = -class_probabilities[:, labels]
+                image_points = set_points[image_index]
+                target_points = point_sample(masks[:, None].float(), image_points.expand(masks.shape[0], -1, -1)).squeeze(1)
+                query_masks = pred_masks[image_index][:, None].float()
+                query_points = point_sample(query_masks, image_points.expand(query_masks.shape[0], -1, -1)).squeeze(1)
+                costs.append(
+                    self.cost_class * cost_class
+                    + self.cost_mask * batch_sigmoid_bce_cost(query_points, target_points)
+                    + self.cost_dice * batch_dice_cost(query_points, target_points)
+                )
+                names.append(f"image {image_index} of the batch, prediction set {set_index}")
+                slots.append((set_index, image_index))
+        empty = torch.zeros(0, dtype=torch.long)
+        indices = [[(empty, empty)] * len(targets) for _ in predictions]
+        for (set_index, image_index), pairs in zip(slots, assign(costs, names)):
+            indices[set_index][image_index] = pairs
         return indices

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
-from focalnet_pl.layers import MaskFormerSinePositionEmbedding, MultiScaleDeformableAttention
+from focalnet_pl.layers import MaskFormerSinePositionEmbedding, MultiScaleDeformableAttention, spatial_shapes_tensor
 
 __all__ = ["MSDeformAttnPixelDecoder", "group_norm"]
 
@@ -129,7 +129,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         src = torch.cat(sources, 1)
         pos = torch.cat(positions, 1)
         device = src.device
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        spatial_shapes = spatial_shapes_tensor(shapes, device)
         areas = spatial_shapes.prod(1)
         level_start = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
         reference_points = _encoder_reference_points(shapes, src.shape[0], device).to(src.dtype)

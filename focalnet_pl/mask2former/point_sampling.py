@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["point_sample", "sample_uncertain_points", "logit_uncertainty"]
+__all__ = ["draw_point_candidates", "point_sample", "sample_uncertain_points", "logit_uncertainty"]
 
 
 def point_sample(features: Tensor, point_coords: Tensor, align_corners: bool = False) -> Tensor:
@@ -25,24 +25,34 @@ def logit_uncertainty(logits: Tensor) -> Tensor:
     return -logits.abs()
 
 
+def draw_point_candidates(
+    num_masks: int, num_points: int, oversample_ratio: float, importance_sample_ratio: float, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The random numbers of :func:`sample_uncertain_points`, in its order: ``oversample_ratio * num_points``
+    candidates per mask, then the uniformly random rest of the points."""
+    if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
+        raise ValueError(f"need oversample_ratio >= 1 and importance_sample_ratio in [0, 1], got "
+                         f"{oversample_ratio}, {importance_sample_ratio}")
+    candidates = torch.rand(num_masks, int(num_points * oversample_ratio), 2, device=device)
+    num_random = num_points - int(importance_sample_ratio * num_points)
+    return candidates, torch.rand(num_masks, num_random, 2, device=device)
+
+
 def sample_uncertain_points(
-    mask_logits: Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float
+    mask_logits: Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
+    draws: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Pick ``num_points`` points per mask, mostly where ``mask_logits`` (N, 1, H, W) are least certain.
 
     ``oversample_ratio * num_points`` random candidates are scored; the ``importance_sample_ratio``
-    most uncertain of them are kept and the rest is filled with uniformly random points.
+    most uncertain of them are kept and the rest is filled with uniformly random points. ``draws`` are
+    the random numbers to use (from :func:`draw_point_candidates`; drawn here when not given).
     Returns (N, num_points, 2) normalised (x, y) coordinates.
     """
-    if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
-        raise ValueError(f"need oversample_ratio >= 1 and importance_sample_ratio in [0, 1], got "
-                         f"{oversample_ratio}, {importance_sample_ratio}")
-    num_masks = mask_logits.shape[0]
-    num_candidates = int(num_points * oversample_ratio)
-    candidates = torch.rand(num_masks, num_candidates, 2, device=mask_logits.device)
+    candidates, random_points = draws or draw_point_candidates(
+        mask_logits.shape[0], num_points, oversample_ratio, importance_sample_ratio, mask_logits.device
+    )
     uncertainty = logit_uncertainty(point_sample(mask_logits, candidates)).squeeze(1)  # (N, candidates)
-    num_uncertain = int(importance_sample_ratio * num_points)
-    chosen = uncertainty.topk(num_uncertain, dim=1).indices
+    chosen = uncertainty.topk(num_points - random_points.shape[1], dim=1).indices
     uncertain_points = torch.gather(candidates, 1, chosen.unsqueeze(-1).expand(-1, -1, 2))
-    random_points = torch.rand(num_masks, num_points - num_uncertain, 2, device=mask_logits.device)
     return torch.cat([uncertain_points, random_points], dim=1)

@@ -1,0 +1,65 @@
+"""Host side of Hungarian matching, shared by the DINO and Mask2Former criteria, with as few device syncs as
+the algorithm allows.
+
+The assignment itself (scipy's ``linear_sum_assignment``) runs on the host. :func:`assign` copies the cost
+matrices of every prediction set and image to the host together (one device sync for the whole step),
+and :func:`indices_to_device` sends all the matched indices back in one asynchronous copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+__all__ = ["assign", "indices_to_device", "to_device_async"]
+
+
+def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` (on the host) on ``device`` without making the host wait: pinned and copied
+    asynchronously for CUDA (the pinned buffer is kept until the copy is done)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def assign(costs: Sequence[Tensor], names: Sequence[str]) -> list[tuple[Tensor, Tensor]]:
+    """Minimum-cost one-to-one assignment of each ``(Q, G)`` matrix of ``costs`` (on any device, copied to
+    the host in one go). Returns ``(rows, cols)`` int64 host tensors per matrix, sorted by row; a matrix
+    with NaN/inf raises :class:`FloatingPointError` naming it by ``names``."""
+    if not costs:
+        return []
+    host = torch.cat([cost.flatten() for cost in costs]).cpu().numpy()  # the one device-to-host copy
+    results, offset = [], 0
+    for cost, name in zip(costs, names):
+        rows, cols = cost.shape
+        block = host[offset:offset + rows * cols].reshape(rows, cols)
+        offset += rows * cols
+        if not np.isfinite(block).all():
+            raise FloatingPointError(
+                f"non-finite matching cost for {name} (predictions contain NaN/inf: training diverged)"
+            )
+        matched_rows, matched_cols = linear_sum_assignment(block)
+        results.append((torch.as_tensor(matched_rows, dtype=torch.int64), torch.as_tensor(matched_cols, dtype=torch.int64)))
+    return results
+
+
+def indices_to_device(
+    indices: Sequence[Sequence[tuple[Tensor, Tensor]]], target_counts: Sequence[int], device: torch.device
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``indices[set][image] = (query_indices, target_indices)`` (host tensors) -> per set the device tensors
+    ``(images, queries, targets)`` of its matched pairs in image order, ``targets`` indexing the
+    concatenation of all images' targets (``target_counts`` per image). One asynchronous copy for all sets."""
+    first_target = torch.tensor([0, *target_counts[:-1]], dtype=torch.int64).cumsum(0)
+    rows, sizes = [], []
+    for per_image in indices:
+        images = torch.cat([torch.full_like(queries, image) for image, (queries, _) in enumerate(per_image)])
+        queries = torch.cat([queries for queries, _ in per_image])
+        targets = torch.cat([first_target[image] + gts for image, (_, gts) in enumerate(per_image)])
+        rows.append(torch.stack([images, queries, targets]))
+        sizes.append(len(queries))
+    on_device = to_device_async(torch.cat(rows, 1), device)
+    return [tuple(part.unbind(0)) for part in on_device.split(sizes, 1)]
