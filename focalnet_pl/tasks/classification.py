@@ -309,8 +309,7 @@ class ClassificationTask(L.LightningModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         groups = param_groups(self.model.named_parameters(), hp.weight_decay)
-        total_batch = self._total_batch_size()
-        base_lr = hp.lr * total_batch / hp.lr_reference_batch if hp.lr_reference_batch else hp.lr
+        base_lr = hp.lr * self._total_batch_size() / hp.lr_reference_batch if hp.lr_reference_batch else hp.lr
         scale = base_lr / hp.lr
         warmup_lr, min_lr = hp.warmup_lr * scale, hp.min_lr * scale
         optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(hp.betas), eps=hp.eps)
@@ -320,7 +319,7 @@ class ClassificationTask(L.LightningModule):
         scheduler = LambdaLR(optimizer, lambda step: lr_factor(
             step, decay="cosine", total_steps=total, warmup_steps=warmup, warmup_factor=warmup_lr / base_lr,
             min_factor=min_lr / base_lr))
-        log.info("AdamW peak lr %.3g (total batch %d), %d warmup of %d steps", base_lr, total_batch, warmup, total)
+        log.info("AdamW peak lr %.3g, %d warmup of %d steps", base_lr, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _total_batch_size(self) -> int:
