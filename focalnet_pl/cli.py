@@ -59,10 +59,13 @@ def resolve_checkpoint_alias(root: str | Path, alias: str) -> Path:
 
 class FocalNetCLI(LightningCLI):
     """LightningCLI with subclass mode for model and data, config files saved next to the logs, atomic
-    checkpoint writes (:data:`DEFAULT_PLUGINS`), seed 0 unless the config sets another, and
-    ``--ckpt_path best|last`` resolved across processes (:func:`resolve_checkpoint_alias`)."""
+    checkpoint writes (:data:`DEFAULT_PLUGINS`), seed 0 unless the config sets another,
+    ``--ckpt_path best|last`` resolved across processes (:func:`resolve_checkpoint_alias`), and ``predict``
+    keeping no outputs in memory (the tasks' prediction writers write them; ``--return_predictions true``
+    keeps them)."""
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        self.with_subcommands = run
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs["trainer_defaults"] = {"plugins": DEFAULT_PLUGINS} | kwargs.get("trainer_defaults", {})
@@ -74,6 +77,8 @@ class FocalNetCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, then turn ``ckpt_path: best|last`` into the file (before Lightning reads its hyper-parameters)."""
+        if self.with_subcommands:
+            parser.set_defaults({"predict.return_predictions": False})
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         section = self.config[subcommand] if subcommand else None

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from test_classification import TINY, _write_imagefolder
@@ -47,3 +48,16 @@ def test_plain_fit_is_quiet_then_test_finds_best(tmp_path: Path) -> None:
     tested = FocalNetCLI(args=["test", "--config", str(config), "--ckpt_path", "best"])
     assert tested.config.test.ckpt_path == str(best)  # resolved before Lightning read its hyper-parameters
     assert "test/acc1" in tested.trainer.callback_metrics
+
+
+def test_predict_keeps_no_outputs_in_memory_by_default(tmp_path: Path, capsys) -> None:
+    """The writers write the predictions; ``return_predictions`` would hold every output of the run."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"class_path": "focalnet_pl.tasks.ClassificationTask", "init_args": {"model_overrides": TINY}},
+        "data": {"class_path": "datamodules.ImageNetDataModule", "init_args": {"root": str(tmp_path)}},
+    }))
+    for extra, expected in (([], False), (["--return_predictions", "true"], True)):
+        with pytest.raises(SystemExit):
+            FocalNetCLI(args=["predict", "--config", str(config), *extra, "--print_config"])
+        assert yaml.safe_load(capsys.readouterr().out)["return_predictions"] is expected
