@@ -414,6 +414,10 @@ class FocalNetPLLayout:
         own = model.state_dict()
         if not any(key in own for key in tensors) and any(key.startswith("model.") for key in tensors):
             tensors = {key.removeprefix("model."): value for key, value in tensors.items()}
+        # files saved before some layers were shared use their older names; those layers rename them
+        for prefix, module in model.named_modules():
+            if hasattr(module, "upgrade_state_dict"):
+                module.upgrade_state_dict(tensors, f"{prefix}." if prefix else "")
         return ConvertedState(tensors=tensors)
 
 
