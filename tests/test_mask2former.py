@@ -94,7 +94,7 @@ def test_criterion_is_lower_for_the_right_answer_and_supervises_every_layer() ->
     targets = [{"labels": torch.tensor([1, 0]), "masks": _disjoint_masks(2).bool()}]
     # uniform points (no importance sampling), so the right masks are not judged on their blurred boundary only
     criterion = MaskSetCriterion(num_classes=3, matcher=HungarianMaskMatcher(num_points=256), num_points=1024,
-                                 oversample_ratio=1.0, importance_sample_ratio=0.0, num_aux_outputs=2)
+                                 oversample_ratio=1.0, importance_sample_ratio=0.0)
     good_masks = torch.full((1, 4, 32, 32), -8.0)
     good_masks[0, 0] = _disjoint_masks(2)[1] * 16 - 8
     good_masks[0, 1] = _disjoint_masks(2)[0] * 16 - 8
@@ -105,15 +105,14 @@ def test_criterion_is_lower_for_the_right_answer_and_supervises_every_layer() ->
     outputs = {**good, "aux_outputs": [bad, copy.deepcopy(good)]}
     losses = criterion(outputs, targets)
     assert set(losses) == {f"{name}{suffix}" for name in ("loss_ce", "loss_mask", "loss_dice") for suffix in ("", "_0", "_1")}
-    # uniform logits: CE = ln 4 for every query; zero mask logits: BCE = ln 2 on every point
+    # weighted: class 2, mask 5, dice 5 (the defaults); zero mask logits: BCE = ln 2 on every point
     assert losses["loss_ce"] < 0.01 and losses["loss_ce_1"] < 0.01
-    assert float(losses["loss_mask_0"]) == pytest.approx(float(np.log(2)), rel=1e-5)
+    assert float(losses["loss_mask_0"]) == pytest.approx(5 * float(np.log(2)), rel=1e-5)
     for name in ("loss_mask", "loss_dice"):
         assert losses[f"{name}_0"] > 5 * losses[name]
         assert losses[f"{name}_1"] == pytest.approx(float(losses[name]), rel=0.5)
     # "no object" is down-weighted: with uniform logits CE = ln(4) for every query, weighted mean stays ln(4)
-    assert float(losses["loss_ce_0"]) == pytest.approx(float(np.log(4)), rel=1e-5)
-    assert criterion.weight_dict["loss_ce_1"] == 2.0 and criterion.weight_dict["loss_dice"] == 5.0
+    assert float(losses["loss_ce_0"]) == pytest.approx(2 * float(np.log(4)), rel=1e-5)
 
 
 def test_panoptic_inference_by_hand() -> None:

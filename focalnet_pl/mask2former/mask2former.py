@@ -201,7 +201,6 @@ class Mask2Former(nn.Module):
             num_points=node.TRAIN_NUM_POINTS,
             oversample_ratio=node.OVERSAMPLE_RATIO,
             importance_sample_ratio=node.IMPORTANCE_SAMPLE_RATIO,
-            num_aux_outputs=node.DEC_LAYERS if node.DEEP_SUPERVISION else 0,
         )
         return {
             "backbone": backbone,
@@ -251,8 +250,7 @@ class Mask2Former(nn.Module):
         if self.training:
             if not self.deep_supervision:
                 outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-            losses = self.criterion(outputs, self._targets(batched_inputs, tuple(images.tensor.shape[-2:])))
-            return {name: value * self.criterion.weight_dict[name] for name, value in losses.items()}
+            return self.criterion(outputs, self._targets(batched_inputs, tuple(images.tensor.shape[-2:])))
 
         mask_logits = F.interpolate(
             outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
