@@ -208,9 +208,6 @@ def model_spec(config: str, smoke: bool, overrides: dict) -> dict:
 def build(spec: dict, device: torch.device) -> torch.nn.Module:
     from detectron2.modeling import build_model
 
-    import focalnet_pl.d2  # noqa: F401  (registers the backbone)
-    import focalnet_pl.dino  # noqa: F401
-    import focalnet_pl.mask2former  # noqa: F401
     from focalnet_pl.d2 import build_detectron2_cfg
 
     spec["MODEL"]["DEVICE"] = device.type

@@ -13,8 +13,6 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from torchvision.ops import box_convert, generalized_box_iou
 
-import focalnet_pl.d2  # noqa: F401  (registers the FocalNet backbone)
-import focalnet_pl.dino  # noqa: F401  (registers DINO and MODEL.DINO)
 from focalnet_pl.d2 import build_detectron2_cfg
 from focalnet_pl.dino import (
     DenoisingMeta,

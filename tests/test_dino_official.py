@@ -18,8 +18,6 @@ import torch
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.modeling import build_model
 
-import focalnet_pl.d2  # noqa: F401  (registers the FocalNet backbone)
-import focalnet_pl.dino  # noqa: F401  (registers DINO)
 from focalnet_pl import load_detector_weights
 from focalnet_pl.d2 import build_detectron2_cfg
 from focalnet_pl.detector_weights import SAFE_CHECKPOINT_GLOBALS, read_detector_checkpoint

@@ -13,7 +13,6 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-import focalnet_pl.mask2former  # noqa: F401  (registers Mask2Former)
 from focalnet_pl import load_detector_weights
 from focalnet_pl.d2.config import build_detectron2_cfg
 from focalnet_pl.mask2former import instance_inference, panoptic_inference

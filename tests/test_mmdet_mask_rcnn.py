@@ -18,7 +18,6 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList, Instances
 from torchvision.ops import batched_nms, roi_align
 
-import focalnet_pl.d2  # noqa: F401  (registers the FocalNet backbones)
 from focalnet_pl import load_detector_weights
 from focalnet_pl.d2 import build_detectron2_cfg
 from focalnet_pl.d2.mmdet_weights import COCO_THING_IDS, COCO_THING_NAMES

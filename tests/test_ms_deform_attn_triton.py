@@ -103,8 +103,6 @@ def _dino_steps(steps: int = 3) -> dict:
     from detectron2.modeling import build_model
     from detectron2.structures import Boxes, Instances
 
-    import focalnet_pl.d2  # noqa: F401
-    import focalnet_pl.dino  # noqa: F401
     from focalnet_pl.d2 import build_detectron2_cfg
     from focalnet_pl.layers import get_fused_kernel, register_fused_kernel
 

@@ -20,7 +20,6 @@ from detectron2.data import Metadata
 from PIL import Image
 from torch import nn
 
-import focalnet_pl.mask2former  # noqa: F401  (registers Mask2Former and its config keys)
 from focalnet_pl.evaluation.coco import COCO_METRIC_NAMES, COCOInstanceEvaluator
 from focalnet_pl.evaluation.gather import gather_unique_by_key
 from focalnet_pl.evaluation.panoptic import PanopticQualityEvaluator
