@@ -218,7 +218,8 @@ def wrong_num_classes_vs_checkpoint(tmp: Path) -> None:
     task = ClassificationTask(num_classes=5, model_overrides=TINY)
     path = tmp / "five.ckpt"
     hparams = dict(task.hparams) | {"num_classes": 3}  # a checkpoint whose weights and config disagree
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": hparams}, path)
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": L.__version__},
+               path)
     config = {"model": {"class_path": "focalnet_pl.tasks.ClassificationTask"}}
     with pytest.raises(CheckpointError, match=r"(?s)five.ckpt does not fit ClassificationTask.*size mismatch for model.head.weight"):
         load_task(config, path)

@@ -51,7 +51,8 @@ def trained(tmp_path: Path) -> tuple[Path, Path, ClassificationTask]:
         "data": {"class_path": "datamodules.ImageNetDataModule", "init_args": {"root": "unused", "image_size": 64}},
     }))
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "pytorch-lightning_version": L.__version__}, ckpt)
     return config, ckpt, task
 
 

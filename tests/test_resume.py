@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from datamodules.loading import GuardedDataset, GuardedLoader, ResumableSampler
-from focalnet_pl.reliability import AtomicCheckpointIO, atomic_torch_save
+from focalnet_pl.io import atomic_torch_save
+from focalnet_pl.reliability import AtomicCheckpointIO
 from focalnet_pl.weights import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings, require_task_checkpoint
 from focalnet_pl.distributed import maybe_fully_shard
 from focalnet_pl.focalnet import FocalNet, FocalNetBlock, create_focalnet
@@ -25,8 +26,6 @@ from focalnet_pl.optim import param_groups, warmup_cosine
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
 from focalnet_pl.tasks.callbacks import default_task_callbacks
 from focalnet_pl.visualize.draw import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     draw_top5,
     load_picture,
     save_picture,
