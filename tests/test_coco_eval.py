@@ -14,10 +14,10 @@ import torch
 from detectron2.structures import Boxes, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from test_coco_data import TINY_CATEGORIES, write_tiny_coco
 from torch.utils.data import Dataset
 
 from focalnet_pl.evaluation import COCOInstanceEvaluator, coco_metrics, format_coco_table, instances_to_coco_results
+from helpers import TINY_CATEGORIES, write_tiny_coco
 
 TO_DATASET_ID = {i: c["id"] for i, c in enumerate(TINY_CATEGORIES)}
 

@@ -204,6 +204,7 @@ def cli_model_overrides(entry: dict, weights: Path) -> dict:
     return dict(model, WEIGHTS=str(weights))
 
 
+@pytest.mark.slow
 def test_released_checkpoint_evaluates_via_cli(official, make_coco_dataset, small_cli_config, tmp_path, one_thread):
     """``cli.py test`` with the released model's evaluation config and an official-layout ``MODEL.WEIGHTS``:
     the file is read safely, its COCO rows picked by the dataset's category ids, and evaluated."""
@@ -223,6 +224,7 @@ def test_released_checkpoint_evaluates_via_cli(official, make_coco_dataset, smal
     assert detections and {d["category_id"] for d in detections} <= {1, 3}
 
 
+@pytest.mark.slow
 def test_finetuning_a_released_checkpoint_on_other_classes(official, make_coco_dataset, small_cli_config, tmp_path,
                                                            one_thread):
     """``cli.py fit`` on a 5-class dataset from an official-layout checkpoint: the class tensors start fresh

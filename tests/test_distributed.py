@@ -88,6 +88,7 @@ def test_ddp_two_processes_match_one_process_with_same_global_batch(tmp_path):
         torch.testing.assert_close(params2[name], value, rtol=1e-4, atol=2e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_strategy_configs_compose_with_a_task_config(tmp_path):
     from focalnet_pl.cli import FocalNetCLI
     from focalnet_pl.distributed import FSDP2Strategy
@@ -120,6 +121,7 @@ def test_strategy_configs_compose_with_a_task_config(tmp_path):
         FSDP2Strategy(param_dtype="float8")
 
 
+@pytest.mark.slow
 def test_fsdp2_fit_resume_reuse_and_consolidate(tmp_path):
     from focalnet_pl import create_focalnet
     from focalnet_pl.distributed import consolidate_checkpoint, is_distributed_checkpoint

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"embed_dim": 8, "depths": [1, 1, 2, 1], "focal_levels": [2, 2, 3, 2]}
 
 
+@pytest.mark.slow
 def test_classifier_exports_to_onnx_for_any_image_size(tmp_path: Path) -> None:
     torch.manual_seed(0)
     task = ClassificationTask(variant="focalnet_tiny_srf", num_classes=4, model_overrides=TINY, class_names=list("abcd"))
