@@ -25,16 +25,18 @@ from focalnet_pl.focalnet import create_focalnet
 TINY = {"embed_dim": 16, "depths": [1, 1, 1, 1], "drop_path_rate": 0.0}
 
 
-def write_imagefolder(root: Path, n_per_class: int = 12, size: int = 32) -> Path:
-    """Two trivially separable classes (dark vs bright squares) in the ImageFolder layout."""
+def write_imagefolder(root: Path, n_per_class: int = 12, size: int = 32, val_per_class: int | None = None,
+                      levels: tuple[float, float] = (40, 210), noise: float = 20) -> Path:
+    """Two classes, dark and bright noisy squares (mean ``levels``, standard deviation ``noise``), in the
+    ImageFolder layout: ``n_per_class`` training images (and ``val_per_class``, default the same, for val)."""
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for label, (cls, level) in enumerate((("dark", 40), ("bright", 210))):
+    for split, count in (("train", n_per_class), ("val", n_per_class if val_per_class is None else val_per_class)):
+        for cls, level in zip(("dark", "bright"), levels):
             folder = root / split / cls
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n_per_class):
-                img = np.clip(rng.normal(level, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(folder / f"{i}.png")
+            for i in range(count):
+                image = np.clip(rng.normal(level, noise, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(image).save(folder / f"{i}.png")
     return root
 
 
