@@ -155,6 +155,7 @@ def _validate(gt_json: Path, devices: int) -> dict[str, float]:
     return trainer.validate(_FakeDetector(str(gt_json)), verbose=False)[0]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_gives_the_same_ap_as_one_process(tmp_path):
     gt_json = write_tiny_coco(tmp_path, "val2017", num_images=5, size=96)  # 5 images: not divisible by 2
     single = _validate(gt_json, devices=1)

@@ -51,6 +51,7 @@ def _trainer(root_dir: Path, **kwargs) -> L.Trainer:
     return L.Trainer(**(defaults | kwargs))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_same_global_batch(tmp_path):
     """Each step sees the whole 16-image train set (1 x 16 vs 2 x 8), so only the reduction order differs:
     DDP averages the ranks' mean gradients, which equals the global mean for equal per-rank batches."""
