@@ -3,10 +3,12 @@
     python scripts/make_configs.py           # (re)write the files
     python scripts/make_configs.py --check   # exit 1 when a file differs from what its template gives
 
-jsonargparse (``--config``) cannot include one file in another, so that every config stays one
-``python cli.py fit --config configs/<name>.yaml``, the files are generated: a family's shared text is
-its template under ``configs/templates/`` (``$placeholders``, :class:`string.Template`), what differs
-between its members is the table below. tests/test_configs.py checks that the files are up to date.
+Every config stays one file (``python cli.py fit --config configs/<name>.yaml``) although the members of a
+family share most of their text: jsonargparse cannot include one file in another (a nested ``config:`` key
+replaces dict-valued options such as the detectron2 config instead of merging them), so the files are
+generated. A family's shared text is its template under ``configs/templates/`` (``$placeholders``,
+:class:`string.Template`), what differs between its members is the tables below; tests/test_configs.py
+checks that the files are up to date.
 """
 from __future__ import annotations
 
@@ -44,8 +46,69 @@ def mask_rcnn_variants() -> dict[str, dict[str, object]]:
     return variants
 
 
+#: Mask2Former (the official recipes): backbone sizes; their values shared by every dataset
+MASK2FORMER_BACKBONES = {
+    "t": {"letter": "T", "backbone": "LRF, ImageNet-1k", "variant": "focalnet_tiny_lrf",
+          "weights": "ImageNet-1k FocalNet-T LRF checkpoint (focalnet_tiny_lrf.pth)", "memory_note": ""},
+    "l": {"letter": "L", "backbone": "focal level 4, ImageNet-22k, 384 px", "variant": "focalnet_large_fl4",
+          "weights": "ImageNet-22k FocalNet-L fl4 checkpoint (focalnet_large_lrf_384_fl4.pth)",
+          "memory_note": "# Enable MODEL.FOCALNET.GRAD_CHECKPOINTING on GPUs with less than 40 GB.\n"},
+}
+_ADE_PANOPTIC = {
+    "task": "panoptic", "classes": "150 categories: 100 things, 50 stuff", "datamodule": "ADE20KPanopticDataModule",
+    "panoptic_on": "true", "metric": "PQ", "test_metrics": "test/PQ, test/PQ_th, test/PQ_st, test/mIoU, test/segm_AP",
+    "evaluation_note": "# mIoU against the semantic annotations (annotations_detectron2), instance AP (segm) against the "
+                       "panoptic things.\n",
+    "data_note": "# ADE20K panoptic files: convert ADE20K with Mask2Former's datasets/prepare_ade20k_pan_seg.py (and "
+                 "prepare_ade20k_sem_seg.py\n# for annotations_detectron2; without it the raw annotations/ folder "
+                 "gives the same labels).\n",
+    "crop": 640, "test_max_size": 2560,
+}
+_ADE_SEMANTIC = {
+    "task": "semantic", "classes": "150 classes", "datamodule": "ADE20KSemanticDataModule", "panoptic_on": "false",
+    "metric": "mIoU", "test_metrics": "test/mIoU", "evaluation_note": "", "data_note": "", "queries": 100,
+}
+#: (backbone, dataset): what differs from the backbone's values
+MASK2FORMER_VARIANTS = {
+    ("t", "ade20k_panoptic"): {**_ADE_PANOPTIC, "paper_note": "", "queries": 100,
+                               "official_configs": "Base-ADE20K-PanopticSegmentation + maskformer2_R50_bs16_160k, "
+                                                   "640 px for every backbone"},
+    ("l", "ade20k_panoptic"): {**_ADE_PANOPTIC, "paper_note": "", "queries": 200,
+                               "official_configs": "Base-ADE20K-PanopticSegmentation + maskformer2_R50_bs16_160k + "
+                                                   "swin/*_large_IN21k_384_bs16_160k"},
+    ("t", "ade20k_semantic"): {**_ADE_SEMANTIC, "paper_note": "", "crop": 512, "test_max_size": 2048,
+                               "official_configs": "maskformer2_R50_bs16_160k + swin/*_tiny_bs16_160k"},
+    ("l", "ade20k_semantic"): {**_ADE_SEMANTIC, "crop": 640, "test_max_size": 2560,
+                               "paper_note": "# FocalNet paper: 58.5 mIoU on ADE20K val with this backbone and recipe.\n",
+                               "official_configs": "maskformer2_R50_bs16_160k + swin/*_large_IN21k_384_bs16_160k_res640"},
+    ("t", "coco_panoptic"): {"paper_note": "", "queries": 100, "official_config": "swin/maskformer2_swin_tiny_bs16_50ep",
+                             "epochs": 50, "iterations": "368,750", "decay_iterations": "327,778 and 355,092",
+                             "first_decay": 44, "second_decay": 48},
+    ("l", "coco_panoptic"): {"paper_note": "# FocalNet paper: 57.9 PQ on COCO val with this backbone and recipe.\n",
+                             "queries": 200, "official_config": "swin/maskformer2_swin_large_IN21k_384_bs16_100ep",
+                             "epochs": 100, "iterations": "737,500", "decay_iterations": "655,556 and 710,184",
+                             "first_decay": 89, "second_decay": 96},
+}
+
+
+def mask2former_variants(datasets: tuple[str, ...]) -> dict[str, dict[str, object]]:
+    """``{config name: template values}`` of the Mask2Former configs of ``datasets``."""
+    return {
+        f"mask2former_focalnet_{size}_{dataset}": {
+            **MASK2FORMER_BACKBONES[size], **values, "name": f"mask2former_focalnet_{size}_{dataset}",
+        }
+        for (size, dataset), values in MASK2FORMER_VARIANTS.items() if dataset in datasets
+    }
+
+
 #: family: (template, its variants)
-FAMILIES = {"mask_rcnn_focalnet": ("configs/templates/mask_rcnn_focalnet.yaml.in", mask_rcnn_variants)}
+FAMILIES = {
+    "mask_rcnn_focalnet": ("configs/templates/mask_rcnn_focalnet.yaml.in", mask_rcnn_variants),
+    "mask2former_focalnet_ade20k": ("configs/templates/mask2former_focalnet_ade20k.yaml.in",
+                                    lambda: mask2former_variants(("ade20k_panoptic", "ade20k_semantic"))),
+    "mask2former_focalnet_coco_panoptic": ("configs/templates/mask2former_focalnet_coco_panoptic.yaml.in",
+                                           lambda: mask2former_variants(("coco_panoptic",))),
+}
 
 
 def render_all() -> dict[Path, str]:
