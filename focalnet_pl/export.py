@@ -85,6 +85,8 @@ def load_task(config: dict[str, Any], ckpt_path: str | Path) -> L.LightningModul
         try:
             task = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, weights=None)
         except KeyError as err:
+            if err.args[:1] not in (("pytorch-lightning_version",), ("state_dict",)):
+                raise
             raise CheckpointError(f"{ckpt_path} is not a Lightning checkpoint (no {err})") from err
         except RuntimeError as err:
             if "loading state_dict" not in str(err):
