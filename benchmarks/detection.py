@@ -208,9 +208,6 @@ def model_spec(config: str, smoke: bool, overrides: dict) -> dict:
 def build(spec: dict, device: torch.device) -> torch.nn.Module:
     from detectron2.modeling import build_model
 
-    import focalnet_pl.d2  # noqa: F401  (registers the backbone)
-    import focalnet_pl.dino  # noqa: F401
-    import focalnet_pl.mask2former  # noqa: F401
     from focalnet_pl.d2 import build_detectron2_cfg
 
     spec["MODEL"]["DEVICE"] = device.type
@@ -314,7 +311,7 @@ def mask2former_worker(name: str, part: str, fused: bool, device_name: str, step
     else:  # the pixel decoder alone, forward + backward, on the backbone's features of the batch
         images = torch.stack([record["image"] for record in batch]).to(device).float()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-            features = model.backbone((images - model.pixel_mean) / model.pixel_std)
+            features = model.backbone(model.normalize(images))
         features = {key: value.detach().requires_grad_() for key, value in features.items()}
         decoder = model.pixel_decoder
 
@@ -500,9 +497,9 @@ def main() -> None:
 
         measured = run_isolated(memory_worker, device.type)
         config = REPO / "configs" / "dino_focalnet_h.yaml"
-        stats = estimate.model_stats(*estimate.build_meta_model(config), ["FocalNetBlock", "EncoderLayer", "DecoderLayer"])
+        stats = estimate.model_stats(*estimate.build_meta_model(config), ["FocalNetBlock", "DeformableEncoderLayer", "DecoderLayer"])
         estimated = estimate.fsdp_total_gb(config, stats, gpus=1, image_size=(800, 1333), checkpointing=True)
-        print(f"\n## DINO-FocalNet-H, FSDP2 + activation checkpointing on one device, batch 1, bf16\n")
+        print("\n## DINO-FocalNet-H, FSDP2 + activation checkpointing on one device, batch 1, bf16\n")
         print(f"measured peak ({measured['size'][0]}x{measured['size'][1]}, {measured['params_m']:.1f}M parameters, "
               f"{measured['units']} units): {measured['peak_gb']:.2f} GB; benchmarks/memory.py estimate for the full "
               f"model at 800x1333 on 1 GPU: {estimated:.2f} GB"

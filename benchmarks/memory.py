@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--image-size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
     parser.add_argument("--budget-gb", type=float, default=40.0)
-    parser.add_argument("--unit-types", nargs="+", default=["FocalNetBlock", "EncoderLayer", "DecoderLayer"])
+    parser.add_argument("--unit-types", nargs="+", default=["FocalNetBlock", "DeformableEncoderLayer", "DecoderLayer"])
     args = parser.parse_args(argv)
 
     model, name = build_meta_model(args.config)

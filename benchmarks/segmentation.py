@@ -65,8 +65,6 @@ def train_step_worker(config_name: str, size: int, batch_size: int, num_masks: i
     import yaml
     from detectron2.modeling import build_model
 
-    import focalnet_pl.d2  # noqa: F401  (FocalNet backbone)
-    import focalnet_pl.mask2former  # noqa: F401  (Mask2Former meta-architecture)
     from focalnet_pl.d2 import build_detectron2_cfg
 
     device = torch.device(device_name)

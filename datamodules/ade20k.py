@@ -92,12 +92,14 @@ class ADE20KSemanticDataModule(SegmentationDataModule):
         if class_names is None:
             class_names = list(ADE_CLASS_NAMES) if demo else list(ADE20K_SEM_SEG_CATEGORIES)
         self.class_names = list(class_names)
-        if demo:
-            ensure_demo_shapes(self._demo_root)
 
     def prepare_data(self) -> None:
         if self._demo_root is not None:
             ensure_demo_shapes(self._demo_root)
+
+    def setup(self, stage: str) -> None:
+        self.prepare_data()  # idempotent; for a datamodule used outside a Trainer
+        super().setup(stage)
 
     def load_classes(self) -> SegmentationClasses:
         return SegmentationClasses(names=self.class_names, is_thing=[False] * len(self.class_names))

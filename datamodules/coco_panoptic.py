@@ -297,9 +297,11 @@ class COCOPanopticDataModule(PanopticDataModule):
         )
         self._demo_root = demo_root
         self._default_instances_json = coco / "annotations" / "instances_val2017.json"
-        if demo_root is not None:
-            ensure_demo_shapes(demo_root)
 
     def prepare_data(self) -> None:
         if self._demo_root is not None:
             ensure_demo_shapes(self._demo_root)
+
+    def setup(self, stage: str) -> None:
+        self.prepare_data()  # idempotent; for a datamodule used outside a Trainer
+        super().setup(stage)

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torchvision.transforms import v2
 
-from datamodules.demo_shapes import ensure_demo_shapes
+from datamodules.demo_shapes import SHAPE_CLASSES, ensure_demo_shapes
 from datamodules.image_io import (
     EmptyDatasetError,
     ImageFilesDataset,
@@ -157,8 +157,6 @@ class ImageNetDataModule(ResumableDataModule):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise EmptyDatasetError(missing_data_message(f"dataset root {self.root}", IMAGE_FOLDER_LAYOUT, ROOT_OPTION))
         self.image_size = image_size
         self.batch_size = batch_size
         self.mean, self.std = tuple(mean), tuple(std)
@@ -168,16 +166,7 @@ class ImageNetDataModule(ResumableDataModule):
         self.on_corrupt_image = on_corrupt_image
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self.predict_root = predict_root
-
-        label_split = self.root / train_split
-        if not label_split.is_dir():
-            label_split = self.root / val_split
-            if not label_split.is_dir():
-                raise EmptyDatasetError(missing_data_message(
-                    f"split folder {self.root / train_split} (or {self.root / val_split})", IMAGE_FOLDER_LAYOUT,
-                    f"{ROOT_OPTION}, or --data.init_args.train_split / val_split",
-                ))
-        self._class_names = find_class_folders(label_split)
+        self._class_names = self.find_class_names()
         self.class_to_idx = {name: index for index, name in enumerate(self._class_names)}
 
         self.train_transform = build_train_transform(
@@ -191,6 +180,21 @@ class ImageNetDataModule(ResumableDataModule):
         self.val_dataset: SafeImageFolder | None = None
         self.test_dataset: SafeImageFolder | None = None
         self.predict_dataset: ImageFilesDataset | None = None
+
+    def find_class_names(self) -> list[str]:
+        """The class folders of the train split (else of the val split), sorted; a missing root or split
+        is a :class:`EmptyDatasetError` naming it."""
+        if not self.root.is_dir():
+            raise EmptyDatasetError(missing_data_message(f"dataset root {self.root}", IMAGE_FOLDER_LAYOUT, ROOT_OPTION))
+        label_split = self.root / self.train_split
+        if not label_split.is_dir():
+            label_split = self.root / self.val_split
+            if not label_split.is_dir():
+                raise EmptyDatasetError(missing_data_message(
+                    f"split folder {self.root / self.train_split} (or {self.root / self.val_split})",
+                    IMAGE_FOLDER_LAYOUT, f"{ROOT_OPTION}, or --data.init_args.train_split / val_split",
+                ))
+        return find_class_folders(label_split)
 
     @property
     def num_classes(self) -> int:
@@ -270,7 +274,8 @@ class ImageNetDataModule(ResumableDataModule):
 
 
 class DemoShapesDataModule(ImageNetDataModule):
-    """The generated 5-class demo shapes classification set (64 px), created on first use.
+    """The generated 5-class demo shapes classification set (64 px), created by ``prepare_data`` (and
+    ``setup``, for a datamodule used outside a Trainer) the first time.
 
     ``root`` is the demo dataset root (see :func:`datamodules.demo_shapes.ensure_demo_shapes`);
     images are read from ``root/classification``. Augmentation is light: mild crops and flips, colour
@@ -301,7 +306,7 @@ class DemoShapesDataModule(ImageNetDataModule):
         predict_root: str | None = None,
         seed: int = 0,
     ) -> None:
-        self.demo_root = ensure_demo_shapes(root, seed=seed)
+        self.demo_root, self.seed = Path(root), seed
         super().__init__(
             root=str(self.demo_root / "classification"),
             image_size=image_size,
@@ -326,3 +331,13 @@ class DemoShapesDataModule(ImageNetDataModule):
         )
         # hparams must mirror this class's signature (the base class also recorded its split names)
         self.remove_ignored_hparams(["train_split", "val_split"])
+
+    def find_class_names(self) -> list[str]:
+        return sorted(SHAPE_CLASSES)  # the class folders ensure_demo_shapes writes
+
+    def prepare_data(self) -> None:
+        ensure_demo_shapes(self.demo_root, seed=self.seed)
+
+    def setup(self, stage: str) -> None:
+        ensure_demo_shapes(self.demo_root, seed=self.seed)
+        super().setup(stage)

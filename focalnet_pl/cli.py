@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from datamodules.image_io import DataNotFoundError
+from focalnet_pl.io import load_checkpoint
 
 CHECKPOINT_ALIASES = ("best", "last")
 
@@ -49,7 +50,7 @@ def resolve_checkpoint_alias(root: str | Path, alias: str) -> Path:
     last = runs[-1]
     if alias == "last":
         return last
-    state = torch.load(last, map_location="cpu", weights_only=True)
+    state = load_checkpoint(last)
     for key, value in state.get("callbacks", {}).items():
         best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
         if best and Path(best).is_file():

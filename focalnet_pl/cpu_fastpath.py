@@ -163,8 +163,8 @@ def _plain_float32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and type(weight.data) is torch.Tensor
-        # torch has public writers of the global hook registries (nn.modules.module.register_module_forward_hook
-        # and _pre_hook) but no reader; these dicts are only read, to take the plain forward when a hook exists
+        # private on purpose: torch registers global hooks publicly (register_module_forward_hook) but has no
+        # public way to ask whether any exist; only read, to take the plain forward when one does
         and not nn.modules.module._global_forward_hooks
         and not nn.modules.module._global_forward_pre_hooks
     )

@@ -14,17 +14,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from torch import Tensor
 
 from focalnet_pl.architecture import ARCHITECTURE_KEY, closest_variant
 from focalnet_pl.detector_weights import (
     DETECTOR_LAYOUTS,
-    SAFE_CHECKPOINT_GLOBALS,
     FocalNetPLLayout,
     import_layout_modules,
     read_detector_checkpoint,
 )
+from focalnet_pl.io import load_checkpoint
 from focalnet_pl.labels import imagenet_class_names
 from focalnet_pl.weights import (
     CheckpointError,
@@ -85,7 +84,7 @@ def describe_checkpoint(source: str | Path) -> dict[str, Any]:
     info: dict[str, Any] = {"file": str(path)}
     if path.suffix == ".safetensors":
         metadata = read_safetensors_metadata(path)
-        tensors = load_file(str(path))
+        tensors = load_checkpoint(path)
         if metadata.get("format") == "focalnet-pl":
             info["layout"] = f"focalnet-pl export (part: {metadata.get('part')})"
             info["architecture"] = json.loads(metadata.get("architecture", "null")) or {
@@ -95,7 +94,7 @@ def describe_checkpoint(source: str | Path) -> dict[str, Any]:
         obj: Mapping[str, Any] = tensors
     else:
         import_layout_modules()
-        obj = read_detector_checkpoint(path, SAFE_CHECKPOINT_GLOBALS)
+        obj = read_detector_checkpoint(path)
     if isinstance(obj.get("state_dict"), Mapping) and (ARCHITECTURE_KEY in obj or "pytorch-lightning_version" in obj):
         return _with_classes({**info, **_ours(obj)})
     tensors = _flat_tensors(obj)

@@ -16,19 +16,17 @@ converted to our parameter names, and checked against the model:
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
-import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from focalnet_pl.io import SAFE_CHECKPOINT_GLOBALS, load_checkpoint
 from focalnet_pl.weights import (
     CheckpointError,
     StateDict,
@@ -43,6 +41,7 @@ __all__ = [
     "ConvertedState",
     "DetectorLayout",
     "DetectorLoadReport",
+    "SAFE_CHECKPOINT_GLOBALS",
     "load_detector_weights",
     "read_detector_checkpoint",
     "register_detector_layout",
@@ -51,72 +50,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class _NumpyArrayUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only (detectron2 ``.pkl`` checkpoints); any other
-    global, which could run code, is refused."""
-
-    _ALLOWED = {
-        (module, name)
-        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for name in ("_reconstruct", "scalar")
-    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-        return super().find_class(module, name)
-
-
-def _read_numpy_pickle(path: Path) -> dict[str, Any]:
-    """A detectron2 ``.pkl`` checkpoint (``{"model": {name: ndarray}, ...}``) with tensors for the arrays."""
-    try:
-        with path.open("rb") as handle:
-            obj = _NumpyArrayUnpickler(handle, encoding="latin1").load()
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"Refused to load {path}: it pickles objects other than numpy arrays and plain containers "
-            f"(loading it would run code). Details: {err}"
-        ) from err
-    except (EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"Cannot read pickle checkpoint {path} (truncated or corrupt): {err}") from err
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__})")
-    model = obj.get("model", obj)
-    if isinstance(model, Mapping):
-        model = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in model.items()}
-    return {**obj, "model": model}
-
-
-def read_detector_checkpoint(source: str | Path, allowed_globals: Sequence[Any] = ()) -> dict[str, Any]:
-    """The top-level object of a detector checkpoint: a ``.safetensors`` file (as ``{"model": tensors}``),
-    a detectron2 ``.pkl`` file of numpy arrays (the official Mask2Former releases) or a torch pickle read
-    with ``weights_only=True``.
-
-    ``allowed_globals`` are the only classes besides tensors and plain containers the pickle may
-    hold (e.g. ``argparse.Namespace`` for the ``args`` saved by the official DINO ``main.py``);
-    anything else that would run code is refused.
+def read_detector_checkpoint(source: str | Path, allowed_globals: Sequence[Any] | None = None) -> dict[str, Any]:
+    """The top-level object of a detector checkpoint (a path, URL or ``zoo:`` name), read by
+    :func:`focalnet_pl.io.load_checkpoint`: a ``.safetensors`` file as ``{"model": tensors}``, a
+    detectron2 ``.pkl`` file of numpy arrays (the official Mask2Former releases) or a torch pickle
+    holding only tensors, plain containers and ``allowed_globals`` (default :data:`SAFE_CHECKPOINT_GLOBALS`).
     """
     path = resolve_source(source)
+    obj = load_checkpoint(path, allowed_globals)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return {"model": load_file(str(path))}
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"Cannot read safetensors file {path}: {err}") from err
-    if path.suffix == ".pkl":
-        return _read_numpy_pickle(path)
-    try:
-        with torch.serialization.safe_globals(list(allowed_globals)):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise CheckpointError(
-                f"Refused to load {path}: it pickles objects other than tensors, plain containers and "
-                f"{[getattr(g, '__qualname__', g) for g in allowed_globals]} (loading it would run code). "
-                f"Details: {err}"
-            ) from err
-        raise CheckpointError(f"Cannot read checkpoint {path} (truncated, corrupt or not a torch file): {err}") from err
+        return {"model": obj}
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__})")
     return dict(obj)
@@ -174,9 +117,6 @@ LAYOUT_MODULES: list[str] = [
     "focalnet_pl.dino.layouts", "focalnet_pl.d2.mmdet_weights", "focalnet_pl.mask2former.weights",
 ]
 
-#: Classes a detector checkpoint may pickle besides tensors: the ``args`` (``argparse.Namespace``, plain
-#: attributes only) the official DINO ``main.py`` saves with its checkpoints.
-SAFE_CHECKPOINT_GLOBALS: list[Any] = [argparse.Namespace]
 
 
 def register_detector_layout(layout: DetectorLayout, first: bool = True) -> DetectorLayout:
@@ -340,7 +280,7 @@ def load_detector_weights(
     name = str(source) if isinstance(source, (str, Path)) else "<checkpoint dict>"
     import_layout_modules()  # before reading: they declare the classes a checkpoint may pickle
     checkpoint = (
-        read_detector_checkpoint(source, SAFE_CHECKPOINT_GLOBALS) if isinstance(source, (str, Path)) else source
+        read_detector_checkpoint(source) if isinstance(source, (str, Path)) else source
     )
     layout = detect_detector_layout(checkpoint)
     state = layout.convert(checkpoint, model)
@@ -414,6 +354,10 @@ class FocalNetPLLayout:
         own = model.state_dict()
         if not any(key in own for key in tensors) and any(key.startswith("model.") for key in tensors):
             tensors = {key.removeprefix("model."): value for key, value in tensors.items()}
+        # files saved before some layers were shared use their older names; those layers rename them
+        for prefix, module in model.named_modules():
+            if hasattr(module, "upgrade_state_dict"):
+                module.upgrade_state_dict(tensors, f"{prefix}." if prefix else "")
         return ConvertedState(tensors=tensors)
 
 

@@ -28,6 +28,8 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from focalnet_pl.io import atomic_torch_save, load_checkpoint
+
 log = logging.getLogger(__name__)
 
 #: File of the distributed checkpoint folder that holds everything except weights and optimizer state.
@@ -246,11 +248,11 @@ def load_distributed_checkpoint(path: str | Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="consolidate-") as tmp:
         flat = Path(tmp) / "full.pt"
         dcp_to_torch_save(path, flat)
-        tensors = torch.load(flat, map_location="cpu", weights_only=True)
+        tensors = load_checkpoint(flat)
     if "state_dict" not in tensors:
         raise KeyError(f"{path} holds no 'state_dict' entry (found {sorted(tensors)}); was it written by Lightning?")
     meta_file = path / LIGHTNING_METADATA_FILE
-    checkpoint = torch.load(meta_file, map_location="cpu", weights_only=True) if meta_file.is_file() else {}
+    checkpoint = load_checkpoint(meta_file) if meta_file.is_file() else {}
     checkpoint["state_dict"] = tensors["state_dict"]
     return checkpoint
 
@@ -264,8 +266,7 @@ def consolidate_checkpoint(source: str | Path, output: str | Path | None = None)
     source = Path(source)
     output = Path(output) if output is not None else source.with_name(source.name + ".consolidated.ckpt")
     checkpoint = load_distributed_checkpoint(source)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, output)
+    atomic_torch_save(checkpoint, output)
     count = sum(t.numel() for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor))
     log.info("Consolidated %s (%d tensors, %.1fM values) into %s",
              source, len(checkpoint["state_dict"]), count / 1e6, output)

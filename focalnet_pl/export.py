@@ -15,7 +15,7 @@ module, example inputs, input/output names, dynamic axes); :func:`export_onnx` t
 ``torch.export`` (batch, height and width left dynamic), writes the model with the task's metadata
 and compares onnxruntime (CPU) with PyTorch on the example and check inputs.
 
-Checkpoints are read with ``torch.load(weights_only=True)``; nothing is unpickled.
+Checkpoints are read with ``torch.load(weights_only=True)`` (:mod:`focalnet_pl.io`); nothing runs code.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ from torch import nn
 from focalnet_pl import cpu_fastpath
 from focalnet_pl.cli import CHECKPOINT_ALIASES, resolve_checkpoint_alias, run_root
 from focalnet_pl.focalnet import FocalNet, FocalNetConfig
-from focalnet_pl.reliability import safe_torch_load
-from focalnet_pl.weights import CheckpointError, load_weights, read_safetensors_metadata
+from focalnet_pl.io import CheckpointError, reading_checkpoint, save_safetensors_file
+from focalnet_pl.weights import load_weights, read_safetensors_metadata
 
 log = logging.getLogger(__name__)
 
@@ -73,32 +73,25 @@ def _task_class(class_path: str) -> type[L.LightningModule]:
 
 
 def load_task(config: dict[str, Any], ckpt_path: str | Path) -> L.LightningModule:
-    """The config's LightningModule, built from the checkpoint's hyper-parameters, with its weights.
-
-    The model section gives the class (``model.class_path``) and defaults; the checkpoint's
-    ``hyper_parameters`` win (they hold e.g. ``num_classes`` resolved from the data). A ``weights``
-    argument (pretrained source) is dropped: every weight comes from the checkpoint.
-    """
+    """The config's LightningModule (its class: ``model.class_path``) as Lightning's ``load_from_checkpoint``
+    builds it from the checkpoint's hyper-parameters, with the checkpoint's weights, read with
+    ``weights_only=True``. A ``weights`` argument (pretrained source) is dropped: every weight comes
+    from the checkpoint."""
     model_section = config.get("model") or {}
     if "class_path" not in model_section:
         raise ValueError("the config has no model.class_path: cannot tell which task the checkpoint belongs to")
     cls = _task_class(model_section["class_path"])
-    checkpoint = safe_torch_load(ckpt_path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
-    init_args = dict(model_section.get("init_args") or {})
-    init_args.update(checkpoint.get("hyper_parameters") or {})
-    accepted = inspect.signature(cls.__init__).parameters
-    if "weights" in accepted:
-        init_args["weights"] = None
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        init_args = {k: v for k, v in init_args.items() if k in accepted}
-    task = cls(**init_args)
-    task.on_load_checkpoint(checkpoint)  # as Lightning does before loading the weights
-    try:
-        task.load_state_dict(checkpoint["state_dict"], strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {ckpt_path} does not fit {cls.__name__} built from its config: {err}") from err
+    with reading_checkpoint(ckpt_path):
+        try:
+            task = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, weights=None)
+        except KeyError as err:
+            if err.args[:1] not in (("pytorch-lightning_version",), ("state_dict",)):
+                raise
+            raise CheckpointError(f"{ckpt_path} is not a Lightning checkpoint (no {err})") from err
+        except RuntimeError as err:
+            if "loading state_dict" not in str(err):
+                raise
+            raise CheckpointError(f"checkpoint {ckpt_path} does not fit {cls.__name__} built from its config: {err}") from err
     return task.eval()
 
 
@@ -145,8 +138,6 @@ def _string_metadata(info: dict[str, Any]) -> dict[str, str]:
 def export_weights(task: nn.Module, output: str | Path, part: Part = "backbone", *,
                    config: dict[str, Any] | None = None, source: str | None = None) -> Path:
     """Write ``task``'s backbone or full model to ``output`` (safetensors) and ``output.yaml``."""
-    from safetensors.torch import save_file
-
     if part not in ("backbone", "model"):
         raise ValueError(f"part must be 'backbone' or 'model', got {part!r}")
     output = Path(output)
@@ -163,11 +154,7 @@ def export_weights(task: nn.Module, output: str | Path, part: Part = "backbone",
         "num_classes": int(focalnet.num_classes),
         "features_only": bool(focalnet.features_only),
     } | _run_info(task, config, source)
-    metadata = _string_metadata(info)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(output)
+    save_safetensors_file(state, output, _string_metadata(info))
     output.with_suffix(".yaml").write_text(yaml.safe_dump(_plain(info), sort_keys=False))
     log.info("Wrote %d tensors (%s) to %s", len(state), part, output)
     return output

@@ -4,6 +4,7 @@ the algorithm allows.
 The assignment itself (scipy's ``linear_sum_assignment``) runs on the host. :func:`assign` copies the cost
 matrices of every prediction set and image to the host together (one device sync for the whole step),
 and :func:`indices_to_device` sends all the matched indices back in one asynchronous copy.
+:func:`average_num_targets` is the loss normaliser of both criteria.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-__all__ = ["assign", "indices_to_device", "to_device_async"]
+__all__ = ["assign", "average_num_targets", "indices_to_device", "to_device_async"]
 
 
 def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
@@ -24,6 +26,16 @@ def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+def average_num_targets(count: int, device: torch.device) -> float | Tensor:
+    """Ground-truth instances per process (the losses' normaliser), at least 1: a host number, or with
+    several processes a device scalar averaged over them (without waiting for the result)."""
+    if dist.is_available() and dist.is_initialized():
+        total = torch.tensor(float(count)).to(device, non_blocking=True)
+        dist.all_reduce(total)
+        return (total / dist.get_world_size()).clamp(min=1.0)
+    return max(float(count), 1.0)
 
 
 def assign(costs: Sequence[Tensor], names: Sequence[str]) -> list[tuple[Tensor, Tensor]]:

@@ -3,7 +3,7 @@
 * :class:`AtomicCheckpointIO` (a Lightning ``CheckpointIO`` plugin; the CLI gives it to every Trainer)
   writes checkpoints to a temporary file in the target folder, fsyncs it and renames it over the
   target, so a kill while saving never leaves a truncated ``last.ckpt``; it reads checkpoints with
-  ``torch.load(weights_only=True)`` and refuses pickles that would run code.
+  ``torch.load(weights_only=True)`` and refuses pickles that would run code (both by :mod:`focalnet_pl.io`).
 * :class:`NonFiniteLossGuard` stops (or skips the step) on a NaN/Inf loss, naming the step and the
   loss terms.
 
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from focalnet_pl.weights import CheckpointError
+from focalnet_pl.io import CheckpointError, atomic_torch_save, load_checkpoint, reading_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -33,46 +31,6 @@ NonFiniteAction = Literal["raise", "skip"]
 # --------------------------------------------------------------------------------------------
 # checkpoint IO
 # --------------------------------------------------------------------------------------------
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
-
-
-def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with clear errors for code-running pickles and corrupt files."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"Refused to load {path}: it contains pickled objects other than tensors and plain containers "
-            f"(loading it would run code). Only checkpoints of weights and plain values are accepted. Details: {err}"
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise CheckpointError(f"Checkpoint file not found: {path}") from err
-        raise CheckpointError(f"Cannot read checkpoint {path} (truncated, corrupt or not a torch file): {err}") from err
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO: atomic local saves, ``weights_only=True`` loads."""
 
@@ -91,8 +49,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not fs.exists(path):
             raise CheckpointError(f"Checkpoint file not found: {path}")
         if "://" in str(path) and not str(path).startswith("file://"):
-            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        return safe_torch_load(str(path).removeprefix("file://"), map_location="cpu" if map_location is None else map_location)
+            with reading_checkpoint(path):
+                return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint(str(path).removeprefix("file://"), map_location="cpu" if map_location is None else map_location)
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ import optuna
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from focalnet_pl.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
@@ -353,7 +355,7 @@ def objective(sweep: Sweep, trial: optuna.Trial, job: Any = None) -> float:
     if job is not None:
         trial.set_user_attr("job_id", job.job_id)
         if job.num_tasks > 1:  # the job's other ranks train the same trial
-            _write_atomic(_handoff_file(sweep, job), json.dumps(spec))
+            atomic_write(_handoff_file(sweep, job), lambda tmp: tmp.write_text(json.dumps(spec)))
     log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in overrides.items()))
     results = train_trial(sweep.command, args, sweep.metric, [OptunaPruning(trial, sweep.metric)])
     trial.set_user_attr("best_checkpoint", results["best_checkpoint"])
@@ -364,13 +366,6 @@ def objective(sweep: Sweep, trial: optuna.Trial, job: Any = None) -> float:
 
 def _handoff_file(sweep: Sweep, job: Any) -> Path:
     return sweep.output_dir / JOBS_FOLDER / f"{job.job_id}.trial.json"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_job(sweep_file: str, workdir: str) -> None:
@@ -384,7 +379,7 @@ def run_job(sweep_file: str, workdir: str) -> None:
     if job.global_rank == 0:
         sweep.study().optimize(lambda trial: objective(sweep, trial, job), n_trials=1, catch=(Exception,))
         if job.num_tasks > 1 and not handoff.is_file():  # failed before training: release the other ranks
-            _write_atomic(handoff, json.dumps({"command": None}))
+            atomic_write(handoff, lambda tmp: tmp.write_text(json.dumps({"command": None})))
         return
     while not handoff.is_file():  # rank 0 asks the study for the trial
         time.sleep(1)
@@ -451,7 +446,7 @@ def launch(sweep: Sweep, study: optuna.Study, count: int) -> None:
     for _ in range(count):
         job = executor.submit(run_job, str(sweep.source.resolve()), os.getcwd())
         if sweep.launcher == "slurm":
-            _write_atomic(folder / SUBMITTED_FILE, json.dumps(_submitted(sweep) + [job.job_id]))
+            atomic_write(folder / SUBMITTED_FILE, lambda tmp: tmp.write_text(json.dumps(_submitted(sweep) + [job.job_id])))
             log.info("submitted SLURM job %s (%s)", job.job_id, job.paths.submission_file)
             continue
         try:

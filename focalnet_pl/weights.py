@@ -7,7 +7,7 @@ Layouts recognised (anywhere under a prefix such as ``model.`` or ``backbone.``)
 * timm (``stem.*``, ``ls1.gamma``, ``head.fc.*``, 1x1 convs);
 * Hugging Face transformers (``focalnet.embeddings.*``, ``focalnet.encoder.stages.*``, ``classifier.*``).
 
-Files are read with ``torch.load(weights_only=True)`` or safetensors; nothing is unpickled.
+Files are read by :mod:`focalnet_pl.io` (``weights_only=True`` or safetensors; nothing runs code).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import urllib.error
@@ -28,13 +27,11 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from focalnet_pl.io import CheckpointError, atomic_write, load_checkpoint, save_safetensors_file
+
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read or does not fit the model."""
 
 
 _ANCHORS = {
@@ -81,16 +78,17 @@ def _download(url: str, target: Path, timeout: float = 30.0) -> None:
                f"instead of the URL / zoo name.")
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         raise CheckpointError(f"{url} is not in the download cache and {OFFLINE_ENV} is set: expected at {target}. {missing}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
     log.info("Downloading %s to %s", url, target)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+
+    def copy(response, tmp: Path) -> None:
+        with open(tmp, "wb") as out:
             shutil.copyfileobj(response, out, 1 << 24)
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            atomic_write(target, lambda tmp: copy(response, tmp))
     except (OSError, urllib.error.URLError) as err:
-        partial.unlink(missing_ok=True)
         raise CheckpointError(f"Cannot download {url} ({err}); it is expected at {target}. {missing}") from err
-    partial.replace(target)
 
 
 def resolve_source(source: str | Path, sha256: str | None = None) -> Path:
@@ -132,24 +130,7 @@ def resolve_source(source: str | Path, sha256: str | None = None) -> Path:
 def read_state_dict(source: str | Path) -> StateDict:
     """Read a flat ``name -> tensor`` mapping from a .safetensors, .pth/.pt/.ckpt or .bin file."""
     path = resolve_source(source)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"Cannot read safetensors file {path}: {err}") from err
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"Refused to load {path}: it contains pickled objects that are not plain tensors/containers "
-            f"(loading it would run code). Only weights are accepted; re-save it as a state dict or safetensors. "
-            f"Details: {err}"
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"Cannot read checkpoint {path} (corrupt or not a torch file): {err}") from err
-    return _unwrap(obj, path)
+    return _unwrap(load_checkpoint(path), path)
 
 
 def _unwrap(obj: object, path: Path) -> StateDict:
@@ -435,19 +416,12 @@ def save_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str
     """Write ``model``'s weights as safetensors; the FocalNet config (if any) goes in the metadata."""
     from dataclasses import asdict
 
-    from safetensors.torch import save_file
-
     meta = dict(metadata or {})
     cfg = getattr(model, "cfg", None)
     if cfg is not None and hasattr(cfg, "__dataclass_fields__"):
         meta.setdefault("focalnet_config", json.dumps(asdict(cfg)))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return save_safetensors_file(state, path, meta)
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:

@@ -8,7 +8,6 @@ import logging
 
 import pytest
 import torch
-from test_mmdet_mask_rcnn import mask_rcnn, mask_rcnn_config, mmdet_checkpoint
 
 from focalnet_pl import create_focalnet
 from focalnet_pl.architecture import ARCHITECTURE_KEY
@@ -17,6 +16,7 @@ from focalnet_pl.export import export_weights
 from focalnet_pl.tasks.classification import ClassificationTask
 from focalnet_pl.tasks.detection import DetectionTask
 from focalnet_pl.weights import CheckpointError
+from helpers import mask_rcnn, mask_rcnn_config, mmdet_checkpoint
 
 TINY = {"embed_dim": 16, "depths": (1, 1, 1, 1)}
 
@@ -121,6 +121,7 @@ def test_task_checkpoints_carry_their_architecture_and_refuse_another(tmp_path):
         four.on_load_checkpoint({"meta": {}, "model": four.model.state_dict()})
 
 
+@pytest.mark.slow
 def test_inspect_tells_what_a_file_is(tmp_path, capsys):
     mmdet = tmp_path / "focalnet_tiny_srf_maskrcnn_1x.pth"
     torch.save(mmdet_checkpoint(), mmdet)

@@ -10,17 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_classification import TINY, _write_imagefolder
 
 from focalnet_pl.cli import FocalNetCLI
+from helpers import TINY, write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 #: what Python's and Lightning's warnings look like on stderr (``path.py:12: Message``, ``...Warning: ...``)
 WARNING_LINE = re.compile(r"^\S+\.py:\d+: |Warning\b|💡|Tip:|will override")
 
 
+@pytest.mark.slow
 def test_plain_fit_is_quiet_then_test_finds_best(tmp_path: Path) -> None:
-    root = _write_imagefolder(tmp_path / "data", n_per_class=4)
+    root = write_imagefolder(tmp_path / "data", n_per_class=4)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "trainer": {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 2, "log_every_n_steps": 1,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BitMasks, PolygonMasks
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from datamodules import coco as coco_module
@@ -26,63 +26,7 @@ from datamodules.coco import (
     build_augmentations,
     load_coco_instances,
 )
-
-#: Non-contiguous dataset ids, as in COCO.
-TINY_CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "triangle"}]
-
-
-def _shape_polygon(category_id: int, x: float, y: float, size: float) -> list[float]:
-    if category_id == 3:
-        return [x, y, x + size, y, x + size, y + size, x, y + size]
-    return [x + size / 2, y, x + size, y + size, x, y + size]
-
-
-def write_tiny_coco(root: Path, split: str = "train2017", num_images: int = 4, size: int = 64, seed: int = 0,
-                    with_crowd: bool = True) -> Path:
-    """Standard-layout COCO split under ``root``: image ``k`` has ``k % 3`` shapes (image 0 none)."""
-    rng = np.random.default_rng(seed)
-    image_dir = root / split
-    image_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for index in range(num_images):
-        image_id = 10 + index * 5
-        canvas = Image.new("RGB", (size, size), (30, 30, 30))
-        draw = ImageDraw.Draw(canvas)
-        for k in range(index % 3):
-            category_id = TINY_CATEGORIES[(index + k) % 2]["id"]
-            side = float(rng.integers(size // 4, size // 2))
-            x = float(rng.integers(0, size // 2 - 2)) if k == 0 else float(size // 2)
-            y = float(rng.integers(0, size - side))
-            polygon = _shape_polygon(category_id, x, y, side)
-            draw.polygon(polygon, fill=(230, 60, 60) if category_id == 3 else (60, 200, 90))
-            rle = mask_utils.merge(mask_utils.frPyObjects([polygon], size, size))
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
-                "segmentation": [polygon], "area": float(mask_utils.area(rle)),
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
-            })
-        if with_crowd and index == 1:
-            crowd = np.zeros((size, size), dtype=np.uint8)
-            crowd[size - 10:, size - 10:] = 1
-            rle = mask_utils.encode(np.asfortranarray(crowd))
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": 3,
-                "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
-                "area": float(crowd.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 1,
-            })
-        file_name = f"{image_id:06d}.png"
-        canvas.save(image_dir / file_name)
-        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    json_file = root / "annotations" / f"instances_{split}.json"
-    json_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": TINY_CATEGORIES}))
-    return json_file
-
-
-def write_tiny_coco_layout(root: Path, num_train: int = 4, num_val: int = 3, size: int = 64) -> Path:
-    write_tiny_coco(root, "train2017", num_train, size, seed=0)
-    write_tiny_coco(root, "val2017", num_val, size, seed=1)
-    return root
+from helpers import write_tiny_coco, write_tiny_coco_layout
 
 
 def small_datamodule(root: Path, **kwargs) -> COCODataModule:

@@ -14,10 +14,10 @@ import torch
 from detectron2.structures import Boxes, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from test_coco_data import TINY_CATEGORIES, write_tiny_coco
 from torch.utils.data import Dataset
 
 from focalnet_pl.evaluation import COCOInstanceEvaluator, coco_metrics, format_coco_table, instances_to_coco_results
+from helpers import TINY_CATEGORIES, write_tiny_coco
 
 TO_DATASET_ID = {i: c["id"] for i, c in enumerate(TINY_CATEGORIES)}
 
@@ -156,6 +156,7 @@ def _validate(gt_json: Path, devices: int) -> dict[str, float]:
     return trainer.validate(_FakeDetector(str(gt_json)), verbose=False)[0]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_gives_the_same_ap_as_one_process(tmp_path):
     gt_json = write_tiny_coco(tmp_path, "val2017", num_images=5, size=96)  # 5 images: not divisible by 2
     single = _validate(gt_json, devices=1)

@@ -16,13 +16,12 @@ from detectron2.data import Metadata
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 from pycocotools.coco import COCO
-from test_coco_data import TINY_CATEGORIES, write_tiny_coco
-from test_mask_rcnn import SMALL_IMAGES, _tiny_trainer, tiny_detectron2
 
 from datamodules.coco import COCODataModule, load_image_info
 from datamodules.image_io import DataNotFoundError
 from focalnet_pl.tasks.detection import DetectionTask
 from focalnet_pl.tasks.writers import COCOSubmissionWriter
+from helpers import SMALL_IMAGES, TINY_CATEGORIES, tiny_detectron2, tiny_trainer, write_tiny_coco
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops
 
@@ -51,7 +50,7 @@ def test_predict_writes_a_test_dev_submission_that_pycocotools_reads(tmp_path: P
     train_json = write_tiny_coco(tmp_path / "train", "train2017", num_images=3, size=64, with_crowd=False)
     train = COCODataModule(train_json=str(train_json), train_images=str(tmp_path / "train" / "train2017"), **SMALL_IMAGES)
     task = DetectionTask(detectron2=tiny_detectron2(), lr=1e-3)
-    trainer = _tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer = tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0)
     trainer.fit(task, train)
     ckpt = tmp_path / "model.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -61,7 +60,7 @@ def test_predict_writes_a_test_dev_submission_that_pycocotools_reads(tmp_path: P
     out = tmp_path / "predictions"
     predictor = DetectionTask(detectron2=tiny_detectron2(), predict_output_dir=str(out))
     writer = COCOSubmissionWriter(name="focalnet-tiny")
-    _tiny_trainer(tmp_path, callbacks=[writer]).predict(predictor, data, ckpt_path=ckpt, return_predictions=False)
+    tiny_trainer(tmp_path, callbacks=[writer]).predict(predictor, data, ckpt_path=ckpt, return_predictions=False)
 
     with zipfile.ZipFile(out / "detections_test-dev2017_focalnet-tiny_results.zip") as archive:
         assert archive.namelist() == ["detections_test-dev2017_focalnet-tiny_results.json"]

@@ -7,8 +7,6 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-import focalnet_pl.d2  # noqa: F401  (registers the FocalNet backbone)
-import focalnet_pl.dino  # noqa: F401  (registers DINO)
 from focalnet_pl import load_detector_weights
 from focalnet_pl.d2 import build_detectron2_cfg
 from focalnet_pl.detector_weights import ClassRows, ConvertedState, DetectorLoadReport, FocalNetPLLayout

@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import pairwise_iou
 from torchvision.ops import box_convert, generalized_box_iou
 
-import focalnet_pl.d2  # noqa: F401  (registers the FocalNet backbone)
-import focalnet_pl.dino  # noqa: F401  (registers DINO and MODEL.DINO)
-from focalnet_pl.d2 import build_detectron2_cfg
 from focalnet_pl.dino import (
     DenoisingMeta,
     HungarianMatcher,
@@ -24,12 +21,7 @@ from focalnet_pl.dino import (
     focal_class_cost,
     make_denoising_queries,
 )
-
-
-def random_boxes(count: int, gen: torch.Generator) -> torch.Tensor:
-    centres = torch.rand(count, 2, generator=gen) * 0.6 + 0.2
-    sizes = torch.rand(count, 2, generator=gen) * 0.3 + 0.05
-    return torch.cat([centres, sizes], -1)
+from helpers import random_boxes, scene, tiny_dino_cfg
 
 
 def test_matcher_equals_brute_force_over_permutations():
@@ -155,38 +147,12 @@ def test_criterion_is_zero_for_perfect_predictions_and_weighs_terms():
     assert losses["loss_bbox"].item() == pytest.approx(5.0 * 0.1 / 2, rel=1e-4)  # weight * L1 / num_boxes
 
 
-def tiny_cfg(**dino_overrides):
-    dino = {
-        "NUM_CLASSES": 2, "HIDDEN_DIM": 32, "NHEADS": 4, "ENC_LAYERS": 1, "DEC_LAYERS": 2, "DIM_FEEDFORWARD": 64,
-        "NUM_QUERIES": 20, "DN_NUMBER": 10, "NUM_FEATURE_LEVELS": 3, "IN_FEATURES": ["res3", "res4", "res5"],
-        "NUM_SELECT": 10,
-    }
-    dino.update(dino_overrides)
-    return build_detectron2_cfg({"MODEL": {
-        "META_ARCHITECTURE": "DINO", "DEVICE": "cpu", "BACKBONE": {"NAME": "build_focalnet_backbone"},
-        "FOCALNET": {"EMBED_DIM": 16, "DEPTHS": [1, 1, 1, 1], "DROP_PATH_RATE": 0.0},
-        "DINO": dino,
-    }})
-
-
-def scene(boxes: list[tuple[int, int, int, int]], classes: list[int], size: int = 64) -> dict:
-    """A flat background with solid rectangles, one colour per class."""
-    image = torch.full((3, size, size), 40.0)
-    colours = [torch.tensor([255.0, 60.0, 60.0]), torch.tensor([60.0, 60.0, 255.0])]
-    for (x0, y0, x1, y1), label in zip(boxes, classes):
-        image[:, y0:y1, x0:x1] = colours[label][:, None, None]
-    instances = Instances((size, size))
-    instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).view(-1, 4))
-    instances.gt_classes = torch.tensor(classes, dtype=torch.long)
-    return {"image": image, "instances": instances, "height": size, "width": size}
-
-
 def test_dino_losses_inference_format_and_variants(one_thread):
     torch.manual_seed(0)
     batch = [scene([(8, 10, 30, 40)], [0]), scene([], [])]
     for overrides in ({}, {"TWO_STAGE": False, "NUM_FEATURE_LEVELS": 4, "IN_FEATURES": ["res2", "res3", "res4", "res5"],
                            "NUM_QUERIES": 5000}):
-        model = build_model(tiny_cfg(**overrides))
+        model = build_model(tiny_dino_cfg(**overrides))
         losses = model(batch)
         names = {f"loss_{kind}{suffix}" for kind in ("class", "bbox", "giou")
                  for suffix in ["", "_0", "_dn", "_dn_0"] + (["_interm"] if not overrides else [])}
@@ -220,8 +186,8 @@ def test_dino_losses_inference_format_and_variants(one_thread):
 
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="IN_FEATURES"):
-        build_model(tiny_cfg(IN_FEATURES=["res6"]))
-    model = build_model(tiny_cfg())
+        build_model(tiny_dino_cfg(IN_FEATURES=["res6"]))
+    model = build_model(tiny_dino_cfg())
     bad = scene([(8, 10, 30, 40)], [0])
     bad["instances"].gt_classes = torch.tensor([7])
     with pytest.raises(ValueError, match="NUM_CLASSES=2"):
@@ -230,7 +196,7 @@ def test_bad_inputs_are_named():
 
 def test_tiny_dino_overfits_two_images(one_thread):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg())
+    model = build_model(tiny_dino_cfg())
     batch = [scene([(8, 10, 30, 40), (40, 36, 60, 60)], [0, 1]), scene([(20, 6, 52, 26)], [1])]
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     history = []
@@ -259,7 +225,7 @@ def test_official_optimizer_decays_every_parameter():
     backbone at its own learning rate."""
     from focalnet_pl.tasks.detection import DetectionTask
 
-    task = DetectionTask(detectron2={"MODEL": tiny_cfg().MODEL}, lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4,
+    task = DetectionTask(detectron2={"MODEL": tiny_dino_cfg().MODEL}, lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4,
                          weight_decay_all=True)
     groups = task.parameter_groups()
     assert {g["weight_decay"] for g in groups} == {1e-4}
@@ -278,6 +244,7 @@ def small_coco(make_coco_dataset) -> Path:
     return make_coco_dataset([(1, "red"), (3, "blue")])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dino_focalnet_t", "dino_focalnet_l", "dino_focalnet_l_fl3", "dino_focalnet_h",
                                   "demo/dino_shapes"])
 def test_dino_config_trains_and_validates_via_cli(name, small_coco, small_cli_config, tmp_path, one_thread):

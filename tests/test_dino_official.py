@@ -18,8 +18,6 @@ import torch
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.modeling import build_model
 
-import focalnet_pl.d2  # noqa: F401  (registers the FocalNet backbone)
-import focalnet_pl.dino  # noqa: F401  (registers DINO)
 from focalnet_pl import load_detector_weights
 from focalnet_pl.d2 import build_detectron2_cfg
 from focalnet_pl.detector_weights import SAFE_CHECKPOINT_GLOBALS, read_detector_checkpoint
@@ -206,6 +204,7 @@ def cli_model_overrides(entry: dict, weights: Path) -> dict:
     return dict(model, WEIGHTS=str(weights))
 
 
+@pytest.mark.slow
 def test_released_checkpoint_evaluates_via_cli(official, make_coco_dataset, small_cli_config, tmp_path, one_thread):
     """``cli.py test`` with the released model's evaluation config and an official-layout ``MODEL.WEIGHTS``:
     the file is read safely, its COCO rows picked by the dataset's category ids, and evaluated."""
@@ -225,6 +224,7 @@ def test_released_checkpoint_evaluates_via_cli(official, make_coco_dataset, smal
     assert detections and {d["category_id"] for d in detections} <= {1, 3}
 
 
+@pytest.mark.slow
 def test_finetuning_a_released_checkpoint_on_other_classes(official, make_coco_dataset, small_cli_config, tmp_path,
                                                            one_thread):
     """``cli.py fit`` on a 5-class dataset from an official-layout checkpoint: the class tensors start fresh

@@ -12,14 +12,13 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+
+from helpers import TINY, write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"embed_dim": 16, "depths": [1, 1, 1, 1], "drop_path_rate": 0.0}
 # no randomness in the data pipeline: full-image "crops", no flips or colour jitter
 DETERMINISTIC_DATA = {"image_size": 32, "num_workers": 0, "pin_memory": False, "persistent_workers": False,
                       "randaugment_num_ops": 0, "color_jitter": 0.0, "random_erasing_prob": 0.0, "hflip_prob": 0.0,
@@ -28,17 +27,9 @@ TASK_ARGS = {"model_overrides": TINY, "lr": 3e-3, "lr_reference_batch": None, "w
              "cutmix_alpha": 0.0, "label_smoothing": 0.0, "log_samples": 0}
 
 
-def write_imagefolder(root: Path, train_per_class: int = 8, val_per_class: int = 4, size: int = 32) -> Path:
-    """Two noisy classes (dark vs bright) in the ImageFolder layout."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for cls, level in (("dark", 90), ("bright", 160)):
-            folder = root / split / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                image = np.clip(rng.normal(level, 60, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(image).save(folder / f"{i}.png")
-    return root
+def noisy_imagefolder(root: Path, train_per_class: int = 8, val_per_class: int = 4) -> Path:
+    """Two classes that overlap (dark vs bright with much noise): the loss keeps moving."""
+    return write_imagefolder(root, train_per_class, val_per_class=val_per_class, levels=(90, 160), noise=60)
 
 
 def _datamodule(root: Path, batch_size: int):
@@ -60,10 +51,11 @@ def _trainer(root_dir: Path, **kwargs) -> L.Trainer:
     return L.Trainer(**(defaults | kwargs))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_same_global_batch(tmp_path):
     """Each step sees the whole 16-image train set (1 x 16 vs 2 x 8), so only the reduction order differs:
     DDP averages the ranks' mean gradients, which equals the global mean for equal per-rank batches."""
-    root = write_imagefolder(tmp_path / "data")
+    root = noisy_imagefolder(tmp_path / "data")
     single = _task(num_classes=2)
     trainer1 = _trainer(tmp_path / "one", devices=1, max_epochs=3)
     trainer1.fit(single, datamodule=_datamodule(root, batch_size=16))
@@ -88,11 +80,12 @@ def test_ddp_two_processes_match_one_process_with_same_global_batch(tmp_path):
         torch.testing.assert_close(params2[name], value, rtol=1e-4, atol=2e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_strategy_configs_compose_with_a_task_config(tmp_path):
     from focalnet_pl.cli import FocalNetCLI
     from focalnet_pl.distributed import FSDP2Strategy
 
-    root = write_imagefolder(tmp_path / "data", train_per_class=1, val_per_class=1)
+    root = noisy_imagefolder(tmp_path / "data", train_per_class=1, val_per_class=1)
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False,
@@ -120,11 +113,12 @@ def test_strategy_configs_compose_with_a_task_config(tmp_path):
         FSDP2Strategy(param_dtype="float8")
 
 
+@pytest.mark.slow
 def test_fsdp2_fit_resume_reuse_and_consolidate(tmp_path):
     from focalnet_pl import create_focalnet
     from focalnet_pl.distributed import consolidate_checkpoint, is_distributed_checkpoint
 
-    root = write_imagefolder(tmp_path / "data")
+    root = noisy_imagefolder(tmp_path / "data")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -51,10 +51,12 @@ def trained(tmp_path: Path) -> tuple[Path, Path, ClassificationTask]:
         "data": {"class_path": "datamodules.ImageNetDataModule", "init_args": {"root": "unused", "image_size": 64}},
     }))
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "pytorch-lightning_version": L.__version__}, ckpt)
     return config, ckpt, task
 
 
+@pytest.mark.slow
 def test_export_backbone_via_cli_reads_back(trained, tmp_path: Path) -> None:
     config, ckpt, task = trained
     output = tmp_path / "exports" / "backbone.safetensors"
@@ -79,6 +81,7 @@ def test_export_backbone_via_cli_reads_back(trained, tmp_path: Path) -> None:
         create_focalnet("focalnet_tiny_srf", num_classes=4, weights=str(output), embed_dim=8, depths=[1, 1, 1, 1])
 
 
+@pytest.mark.slow
 def test_export_full_model(trained, tmp_path: Path) -> None:
     config, ckpt, task = trained
     output = tmp_path / "model.safetensors"
@@ -126,6 +129,7 @@ def test_modulation_maps_values_match_the_modules() -> None:
     assert all(not m.record_maps and m.last_gates is None for _, _, m in model.modulation_layers())
 
 
+@pytest.mark.slow
 def test_modulation_maps_cli(trained, tmp_path: Path) -> None:
     config, ckpt, _ = trained
     images = _images(tmp_path / "imgs")
@@ -195,6 +199,7 @@ def test_sample_predictions_reach_tensorboard(trained, tmp_path: Path) -> None:
     assert image.width >= 224 and image.height > image.width
 
 
+@pytest.mark.slow
 def test_export_of_the_best_run_feeds_a_detectron2_backbone(trained, tmp_path: Path) -> None:
     """The demo chain: ``export --ckpt_path best`` of a classification run -> ``MODEL.FOCALNET.WEIGHTS``."""
     from detectron2.layers import ShapeSpec

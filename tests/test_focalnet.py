@@ -7,7 +7,7 @@ import torch
 from timm.models.focalnet import checkpoint_filter_fn
 
 from focalnet_pl import count_parameters, create_focalnet, list_variants, variant_config
-from focalnet_pl.weights import CheckpointError, load_weights, read_state_dict, save_safetensors
+from focalnet_pl.weights import CheckpointError, read_state_dict, save_safetensors
 
 # Paper, Table 1-2 (ImageNet-1K models, 1000 classes)
 PAPER_PARAMS_M = {

@@ -23,6 +23,7 @@ from datamodules.image_io import (
     SafeImageFolder,
     SkippedImageWarning,
     collate_skip_unreadable,
+    find_class_folders,
     read_image_rgb,
     read_image_tensor,
 )
@@ -301,14 +302,17 @@ def test_cli_configures_the_datamodule_and_links_num_classes(tmp_path: Path) -> 
 # --------------------------------------------------------------------------------------------
 # DemoShapesDataModule
 # --------------------------------------------------------------------------------------------
-def test_demo_shapes_datamodule_generates_data_before_reading_classes(
+def test_demo_shapes_datamodule_writes_its_data_in_prepare_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     small = DemoShapesSizes(classification_train_per_class=8, classification_val_per_class=2, scenes_train=1, scenes_val=1)
     monkeypatch.setattr(imagenet_module, "ensure_demo_shapes", functools.partial(ensure_demo_shapes, sizes=small))
     dm = DemoShapesDataModule(root=str(tmp_path / "shapes"), num_workers=0, batch_size=8)
     assert dm.num_classes == 5 and dm.class_names == ["circle", "cross", "square", "star", "triangle"]
+    assert not (tmp_path / "shapes").exists()  # nothing written when only configured
+    dm.prepare_data()
     assert (tmp_path / "shapes" / "coco" / "annotations" / "instances_train2017.json").is_file()
+    assert find_class_folders(tmp_path / "shapes" / "classification" / "train") == dm.class_names
     assert dict(dm.hparams) == {**dict(dm.hparams), "root": str(tmp_path / "shapes"), "image_size": 64, "seed": 0}
     assert set(dm.hparams) <= set(inspect.signature(DemoShapesDataModule).parameters)
     kinds = [type(t) for t in dm.train_transform.transforms]

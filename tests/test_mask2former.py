@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 import torch
 import yaml
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
 
 from datamodules.coco_panoptic import instances_from_panoptic, load_panoptic_json
 from focalnet_pl.d2.config import build_detectron2_cfg
@@ -24,39 +22,12 @@ from focalnet_pl.mask2former import (
     point_sample,
     semantic_inference,
 )
+from helpers import scene_batch, tiny_mask2former, write_ade, write_ade_semantic, write_panoptic
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_segmentation_data import _write_ade, _write_panoptic, write_ade_semantic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small ops on a shared 2-core machine run far faster without OpenMP hand-offs
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_mask2former(num_classes: int, thing_ids: list[int], panoptic: bool = True) -> dict:
-    return {
-        "MODEL": {
-            "META_ARCHITECTURE": "Mask2Former",
-            "DEVICE": "cpu",
-            "PIXEL_MEAN": [123.675, 116.28, 103.53],
-            "PIXEL_STD": [58.395, 57.12, 57.375],
-            "BACKBONE": {"NAME": "build_focalnet_backbone"},
-            "FOCALNET": {"VARIANT": "focalnet_tiny_srf", "EMBED_DIM": 16, "DEPTHS": [1, 1, 1, 1], "DROP_PATH_RATE": 0.0},
-            "SEM_SEG_HEAD": {"NUM_CLASSES": num_classes, "IN_FEATURES": ["res2", "res3", "res4", "res5"],
-                             "CONVS_DIM": 32, "MASK_DIM": 32, "TRANSFORMER_ENC_LAYERS": 1,
-                             "DEFORMABLE_NUM_HEADS": 4, "DEFORMABLE_DIM_FEEDFORWARD": 64},
-            "MASK_FORMER": {"HIDDEN_DIM": 32, "NHEADS": 4, "DIM_FEEDFORWARD": 64, "NUM_OBJECT_QUERIES": 8,
-                            "DEC_LAYERS": 3, "TRAIN_NUM_POINTS": 256, "THING_CLASS_IDS": thing_ids,
-                            "TEST": {"PANOPTIC_ON": panoptic, "INSTANCE_ON": panoptic, "OBJECT_MASK_THRESHOLD": 0.5}},
-        }
-    }
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- building blocks ------------------------------------------------------------------------------
@@ -94,7 +65,7 @@ def test_criterion_is_lower_for_the_right_answer_and_supervises_every_layer() ->
     targets = [{"labels": torch.tensor([1, 0]), "masks": _disjoint_masks(2).bool()}]
     # uniform points (no importance sampling), so the right masks are not judged on their blurred boundary only
     criterion = MaskSetCriterion(num_classes=3, matcher=HungarianMaskMatcher(num_points=256), num_points=1024,
-                                 oversample_ratio=1.0, importance_sample_ratio=0.0, num_aux_outputs=2)
+                                 oversample_ratio=1.0, importance_sample_ratio=0.0)
     good_masks = torch.full((1, 4, 32, 32), -8.0)
     good_masks[0, 0] = _disjoint_masks(2)[1] * 16 - 8
     good_masks[0, 1] = _disjoint_masks(2)[0] * 16 - 8
@@ -105,15 +76,14 @@ def test_criterion_is_lower_for_the_right_answer_and_supervises_every_layer() ->
     outputs = {**good, "aux_outputs": [bad, copy.deepcopy(good)]}
     losses = criterion(outputs, targets)
     assert set(losses) == {f"{name}{suffix}" for name in ("loss_ce", "loss_mask", "loss_dice") for suffix in ("", "_0", "_1")}
-    # uniform logits: CE = ln 4 for every query; zero mask logits: BCE = ln 2 on every point
+    # weighted: class 2, mask 5, dice 5 (the defaults); zero mask logits: BCE = ln 2 on every point
     assert losses["loss_ce"] < 0.01 and losses["loss_ce_1"] < 0.01
-    assert float(losses["loss_mask_0"]) == pytest.approx(float(np.log(2)), rel=1e-5)
+    assert float(losses["loss_mask_0"]) == pytest.approx(5 * float(np.log(2)), rel=1e-5)
     for name in ("loss_mask", "loss_dice"):
         assert losses[f"{name}_0"] > 5 * losses[name]
         assert losses[f"{name}_1"] == pytest.approx(float(losses[name]), rel=0.5)
     # "no object" is down-weighted: with uniform logits CE = ln(4) for every query, weighted mean stays ln(4)
-    assert float(losses["loss_ce_0"]) == pytest.approx(float(np.log(4)), rel=1e-5)
-    assert criterion.weight_dict["loss_ce_1"] == 2.0 and criterion.weight_dict["loss_dice"] == 5.0
+    assert float(losses["loss_ce_0"]) == pytest.approx(2 * float(np.log(4)), rel=1e-5)
 
 
 def test_panoptic_inference_by_hand() -> None:
@@ -179,36 +149,11 @@ def test_semantic_inference_sums_class_probability_times_mask() -> None:
     assert scores.argmax(0).tolist() == [[0, 1]]
 
 
-# ---- a whole tiny model -----------------------------------------------------------------------------
-def _scene_batch() -> list[dict]:
-    """Two 64x64 images: a bright square (thing 0) on dark ground (stuff 1), sky band (stuff 2) on top."""
-    batch = []
-    for top, left in ((28, 8), (36, 30)):
-        image = torch.zeros(3, 64, 64)
-        image[:, :16] = torch.tensor([90.0, 160.0, 230.0])[:, None, None]  # sky
-        image[:, 16:] = torch.tensor([60.0, 50.0, 30.0])[:, None, None]  # ground
-        image[:, top : top + 20, left : left + 20] = torch.tensor([230.0, 30.0, 30.0])[:, None, None]
-        thing = torch.zeros(64, 64, dtype=torch.bool)
-        thing[top : top + 20, left : left + 20] = True
-        sky = torch.zeros(64, 64, dtype=torch.bool)
-        sky[:16] = True
-        ground = ~thing & ~sky
-        instances = Instances((64, 64))
-        instances.gt_classes = torch.tensor([0, 1, 2])
-        instances.gt_masks = torch.stack([thing, ground, sky])
-        ids = thing.long() * 1 + ground.long() * 2 + sky.long() * 3
-        segments = [{"id": 1, "category_id": 0, "iscrowd": 0}, {"id": 2, "category_id": 1, "iscrowd": 0},
-                    {"id": 3, "category_id": 2, "iscrowd": 0}]
-        batch.append({"image": image, "instances": instances, "height": 64, "width": 64, "image_id": len(batch),
-                      "pan_seg_gt": ids, "segments_info": segments})
-    return batch
-
-
 def test_tiny_model_overfits_two_scenes() -> None:
     torch.manual_seed(0)
     model = build_model(build_detectron2_cfg(tiny_mask2former(3, [0])))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    batch = _scene_batch()
+    batch = scene_batch()
     history = []
     for _ in range(50):
         losses = model(batch)
@@ -234,7 +179,7 @@ def test_tiny_model_overfits_two_scenes() -> None:
 def test_bf16_autocast_training_step_runs() -> None:
     model = build_model(build_detectron2_cfg(tiny_mask2former(3, [0])))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = model(_scene_batch()[:1])
+        losses = model(scene_batch()[:1])
     total = sum(losses.values())
     total.backward()
     assert torch.isfinite(total)
@@ -255,7 +200,7 @@ CONFIGS = [
 def _panoptic_tree(root: Path, layout: str) -> None:
     """panopticapi files for both splits, in the COCO or the ADE20K folder layout."""
     for split in ("train", "val"):
-        json_file, images, pngs = _write_panoptic(root / f"tmp_{split}")
+        json_file, images, pngs = write_panoptic(root / f"tmp_{split}")
         if layout == "coco":
             (root / "annotations").mkdir(parents=True, exist_ok=True)
             images.rename(root / f"{split}2017")
@@ -275,6 +220,7 @@ def _panoptic_tree(root: Path, layout: str) -> None:
             write_ade_semantic(base, folder, "detectron2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_name", CONFIGS)
 def test_config_trains_and_evaluates_a_few_steps(config_name: str, tmp_path: Path) -> None:
     from focalnet_pl.cli import FocalNetCLI
@@ -293,7 +239,7 @@ def test_config_trains_and_evaluates_a_few_steps(config_name: str, tmp_path: Pat
     data_args = config["data"]["init_args"]
     data_class = config["data"]["class_path"]
     if data_class.endswith("ADE20KSemanticDataModule"):
-        _write_ade(tmp_path, size=(40, 56))
+        write_ade(tmp_path, size=(40, 56))
         data_args.update(root=str(tmp_path), class_names=["a", "b", "c"])
     elif data_class.endswith("ADE20KPanopticDataModule"):
         _panoptic_tree(tmp_path, "ade")

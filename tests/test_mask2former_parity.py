@@ -13,7 +13,6 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-import focalnet_pl.mask2former  # noqa: F401  (registers Mask2Former)
 from focalnet_pl import load_detector_weights
 from focalnet_pl.d2.config import build_detectron2_cfg
 from focalnet_pl.mask2former import instance_inference, panoptic_inference
@@ -54,7 +53,7 @@ def test_official_checkpoint_fills_every_tensor(official, loaded) -> None:
     pairs = {
         "pixel_decoder.lateral_convs.0.1.weight": "sem_seg_head.pixel_decoder.adapter_1.norm.weight",
         "pixel_decoder.encoder_layers.1.ffn.3.weight": "sem_seg_head.pixel_decoder.transformer.encoder.layers.1.linear2.weight",
-        "transformer_decoder.mask_embed.4.bias": "sem_seg_head.predictor.mask_embed.layers.2.bias",
+        "transformer_decoder.mask_embed.layers.2.bias": "sem_seg_head.predictor.mask_embed.layers.2.bias",
         "transformer_decoder.cross_attention.2.attention.in_proj_weight":
             "sem_seg_head.predictor.transformer_cross_attention_layers.2.multihead_attn.in_proj_weight",
         "backbone.body.layers.3.blocks.0.modulation.f.weight": "backbone.body.layers.3.blocks.0.modulation.f.weight",

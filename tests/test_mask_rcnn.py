@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -11,13 +10,21 @@ import pytest
 import torch
 import yaml
 from detectron2.data.detection_utils import read_image
-from test_coco_data import write_tiny_coco, write_tiny_coco_layout
 
 from datamodules.coco import COCODataModule
 from focalnet_pl.cli import FocalNetCLI
 from focalnet_pl.tasks.detection import DetectionTask
+from helpers import (
+    CONFIGS,
+    SMALL_IMAGES,
+    TINY_MODEL,
+    deep_update,
+    tiny_detectron2,
+    tiny_trainer,
+    write_tiny_coco,
+    write_tiny_coco_layout,
+)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MASK_RCNN_CONFIGS = sorted(CONFIGS.glob("mask_rcnn_focalnet_*.yaml"))
 
 #: microsoft/FocalNet detection/configs/focalnet/mask_rcnn_focalnet_*: drop path per (size, rf, schedule)
@@ -26,41 +33,8 @@ OFFICIAL_DROP_PATH = {
 }
 SIZE_NAMES = {"t": "tiny", "s": "small", "b": "base"}
 
-#: Small-model overrides: narrow widths, one block per stage, few proposals.
-TINY_MODEL = {
-    "MODEL": {
-        # tiny widths: no pretrained backbone (the demo config names the classification demo's export)
-        "FOCALNET": {"EMBED_DIM": 16, "DEPTHS": [1, 1, 1, 1], "DROP_PATH_RATE": 0.0, "WEIGHTS": ""},
-        "FPN": {"OUT_CHANNELS": 32},
-        "ANCHOR_GENERATOR": {"SIZES": [[16], [32], [64], [128], [256]]},
-        "RPN": {"BATCH_SIZE_PER_IMAGE": 64, "PRE_NMS_TOPK_TRAIN": 200, "PRE_NMS_TOPK_TEST": 100,
-                "POST_NMS_TOPK_TRAIN": 100, "POST_NMS_TOPK_TEST": 50},
-        "ROI_HEADS": {"BATCH_SIZE_PER_IMAGE": 64},
-        "ROI_BOX_HEAD": {"FC_DIM": 64},
-        "ROI_MASK_HEAD": {"NUM_CONV": 1, "CONV_DIM": 16},
-    },
-    "TEST": {"DETECTIONS_PER_IMAGE": 10},
-}
-SMALL_IMAGES = {"train_min_sizes": [64], "train_max_size": 96, "crop_resize_sizes": [48, 64], "crop_size": [32, 48],
-                "test_min_size": 64, "test_max_size": 96, "batch_size": 2, "eval_batch_size": 2, "num_workers": 0}
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops
-
-
-def deep_update(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def tiny_detectron2(mask_on: bool = True) -> dict:
-    """A complete small Mask R-CNN config (the recipe of the YAML files with TINY_MODEL applied)."""
-    recipe = yaml.safe_load((CONFIGS / "mask_rcnn_focalnet_t_srf_1x.yaml").read_text())
-    detectron2 = deep_update(recipe["model"]["init_args"]["detectron2"], TINY_MODEL)
-    detectron2["MODEL"]["MASK_ON"] = mask_on
-    return detectron2
 
 
 def small_config(config: Path, tmp_path: Path, data_root: Path) -> Path:
@@ -99,6 +73,7 @@ def test_configs_mirror_the_official_recipe():
         assert data["batch_size"] * recipe["trainer"]["devices"] == 16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", MASK_RCNN_CONFIGS + [CONFIGS / "demo" / "mask_rcnn_shapes.yaml"], ids=lambda p: p.stem)
 def test_every_mask_rcnn_config_trains_a_step_and_validates(config, tmp_path):
     data_root = write_tiny_coco_layout(tmp_path / "coco", num_train=2, num_val=2)
@@ -118,13 +93,6 @@ def test_every_mask_rcnn_config_trains_a_step_and_validates(config, tmp_path):
     best = cli.trainer.checkpoint_callback
     assert float(best.best_model_score) == pytest.approx(float(metrics[monitor]))
     assert Path(best.best_model_path).is_file() and monitor.split("/")[1] in Path(best.best_model_path).name
-
-
-def _tiny_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
-    options.update(kwargs)
-    return L.Trainer(**options)
 
 
 def _overfit_datamodule(tmp_path: Path, **kwargs) -> COCODataModule:
@@ -148,12 +116,12 @@ def test_tiny_mask_rcnn_overfits_and_predicts(tmp_path):
     task = DetectionTask(detectron2=tiny_detectron2(), lr=4e-3, weight_decay=0.0, warmup_iters=5,
                          predict_output_dir=str(tmp_path / "predictions"), score_threshold=0.3)
     history = _LossHistory()
-    trainer = _tiny_trainer(tmp_path, max_steps=60, limit_val_batches=0, callbacks=[history])
+    trainer = tiny_trainer(tmp_path, max_steps=60, limit_val_batches=0, callbacks=[history])
     trainer.fit(task, datamodule)
     first, last = sum(history.losses[:5]) / 5, sum(history.losses[-5:]) / 5
     assert last < 0.4 * first, (first, last)
 
-    metrics = _tiny_trainer(tmp_path).validate(task, datamodule, verbose=False)[0]
+    metrics = tiny_trainer(tmp_path).validate(task, datamodule, verbose=False)[0]
     assert metrics["val/AP50"] >= 0.5 and metrics["val/segm_AP50"] >= 0.5, metrics
     results = json.loads((tmp_path / "val_coco_segm_results.json").read_text())
     assert {r["category_id"] for r in results} <= {3, 7} and all("counts" in r["segmentation"] for r in results)
@@ -166,7 +134,7 @@ def test_tiny_mask_rcnn_overfits_and_predicts(tmp_path):
     assert all(picture.shape == raw.shape for (_, picture), raw in zip(samples, raws))
     assert any((picture != raw).any() for (_, picture), raw in zip(samples, raws))  # detections drawn
 
-    _tiny_trainer(tmp_path).predict(task, datamodule, return_predictions=False)
+    tiny_trainer(tmp_path).predict(task, datamodule, return_predictions=False)
     out = tmp_path / "predictions"
     drawn = sorted(p.name for p in out.glob("*.png"))
     assert drawn == ["000010.png", "000015.png", "000020.png"]
@@ -180,7 +148,7 @@ def test_tiny_mask_rcnn_overfits_and_predicts(tmp_path):
 def test_checkpoint_round_trip_and_mismatches(tmp_path):
     datamodule = _overfit_datamodule(tmp_path)
     task = DetectionTask(detectron2=tiny_detectron2(), lr=1e-3)
-    trainer = _tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer = tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0)
     trainer.fit(task, datamodule)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -193,7 +161,7 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path):
     # predict on a plain folder: classes, names and dataset ids come from the checkpoint
     folder_data = COCODataModule(predict_images=str(tmp_path / "data" / "train2017"), **SMALL_IMAGES)
     fresh = DetectionTask(detectron2=tiny_detectron2(), predict_output_dir=str(tmp_path / "folder_predictions"))
-    _tiny_trainer(tmp_path).predict(fresh, folder_data, ckpt_path=path, return_predictions=False)
+    tiny_trainer(tmp_path).predict(fresh, folder_data, ckpt_path=path, return_predictions=False)
     images = json.loads((tmp_path / "folder_predictions" / "images.json").read_text())
     assert images["categories"] == [{"id": 3, "name": "square"}, {"id": 7, "name": "triangle"}]
     assert len(list((tmp_path / "folder_predictions").glob("*.png"))) == 3
@@ -220,9 +188,9 @@ def test_number_of_classes_mismatch_and_image_format_mismatch_are_errors(tmp_pat
     explicit = DetectionTask(detectron2=deep_update(tiny_detectron2(), {"MODEL": {"ROI_HEADS": {"NUM_CLASSES": 5}}}))
     assert explicit.num_classes == 5  # built right away: the config sets it
     with pytest.raises(ValueError, match="NUM_CLASSES=5 but the datamodule has 2 classes"):
-        _tiny_trainer(tmp_path).validate(explicit, datamodule, verbose=False)
+        tiny_trainer(tmp_path).validate(explicit, datamodule, verbose=False)
     with pytest.raises(ValueError, match="gives BGR images but detectron2.INPUT.FORMAT is 'RGB'"):
-        _tiny_trainer(tmp_path).validate(DetectionTask(detectron2=tiny_detectron2()), _overfit_datamodule(tmp_path, image_format="BGR"))
+        tiny_trainer(tmp_path).validate(DetectionTask(detectron2=tiny_detectron2()), _overfit_datamodule(tmp_path, image_format="BGR"))
     unknown = DetectionTask(detectron2=tiny_detectron2())
     unknown.setup("predict")  # no datamodule: the model waits for a checkpoint
     with pytest.raises(RuntimeError, match="number of classes unknown"):
@@ -255,5 +223,5 @@ def test_bf16_mixed_precision_steps_are_finite(tmp_path):
     datamodule = _overfit_datamodule(tmp_path)
     task = DetectionTask(detectron2=tiny_detectron2(), lr=1e-3)
     history = _LossHistory()
-    _tiny_trainer(tmp_path, precision="bf16-mixed", max_steps=2, limit_val_batches=0, callbacks=[history]).fit(task, datamodule)
+    tiny_trainer(tmp_path, precision="bf16-mixed", max_steps=2, limit_val_batches=0, callbacks=[history]).fit(task, datamodule)
     assert len(history.losses) == 2 and all(torch.isfinite(torch.tensor(history.losses)))

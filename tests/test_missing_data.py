@@ -30,6 +30,7 @@ def _assert_explains(action: Callable[[], object], missing: str, layout: str, op
     assert f"Expected layout:\n  {layout}" in message and f"Set {option}" in message, message
 
 
+@pytest.mark.slow
 def test_dino_h_fit_without_coco_fails_fast_with_one_message() -> None:
     """As a new user would run it: no traceback, no ``[rank0]:`` lines, before any model is built."""
     result = subprocess.run(
@@ -55,6 +56,7 @@ def _classification_config(tmp_path: Path, root: Path) -> Path:
     return config
 
 
+@pytest.mark.slow
 def test_cli_prints_the_message_and_keeps_the_traceback_for_debug(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     config = _classification_config(tmp_path, tmp_path / "imagenet")

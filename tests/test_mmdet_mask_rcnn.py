@@ -14,89 +14,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList, Instances
 from torchvision.ops import batched_nms, roi_align
 
-import focalnet_pl.d2  # noqa: F401  (registers the FocalNet backbones)
 from focalnet_pl import load_detector_weights
-from focalnet_pl.d2 import build_detectron2_cfg
-from focalnet_pl.d2.mmdet_weights import COCO_THING_IDS, COCO_THING_NAMES
-from focalnet_pl.focalnet import create_focalnet
+from focalnet_pl.d2.mmdet_weights import COCO_THING_IDS
 from focalnet_pl.weights import CheckpointError
+from helpers import RATIOS, mask_rcnn, mmdet_checkpoint
 
-WIDTH, FPN, FC, MASK = 16, 32, 64, 16  # backbone embed dim, FPN channels, box FC dim, mask conv dim
 STRIDES = (4, 8, 16, 32, 64)
-RATIOS = (0.5, 1.0, 2.0)
 RPN_STDS, RCNN_STDS = (1.0, 1.0, 1.0, 1.0), (0.1, 0.1, 0.2, 0.2)
 IMAGE_SIZES = [(463, 417), (385, 449)]  # odd sizes, padded to one 480 x 480 batch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def mask_rcnn_config(num_classes: int = 80, **model_overrides) -> dict:
-    """A small Mask R-CNN with the released heads' structure (4-conv mask head) and anchors."""
-    model = {
-        "META_ARCHITECTURE": "GeneralizedRCNN", "MASK_ON": True, "DEVICE": "cpu",
-        "PIXEL_MEAN": [123.675, 116.28, 103.53], "PIXEL_STD": [58.395, 57.12, 57.375],
-        "BACKBONE": {"NAME": "build_focalnet_fpn_backbone"},
-        "FOCALNET": {"EMBED_DIM": WIDTH, "DEPTHS": [1, 1, 1, 1], "FOCAL_WINDOWS": [9, 9, 9, 9], "DROP_PATH_RATE": 0.0},
-        "FPN": {"IN_FEATURES": ["res2", "res3", "res4", "res5"], "OUT_CHANNELS": FPN},
-        "ANCHOR_GENERATOR": {"SIZES": [[32], [64], [128], [256], [512]], "ASPECT_RATIOS": [[0.5, 1.0, 2.0]]},
-        "RPN": {"IN_FEATURES": ["p2", "p3", "p4", "p5", "p6"], "PRE_NMS_TOPK_TEST": 300, "POST_NMS_TOPK_TEST": 200},
-        "ROI_HEADS": {"NAME": "StandardROIHeads", "IN_FEATURES": ["p2", "p3", "p4", "p5"], "NUM_CLASSES": num_classes,
-                      "SCORE_THRESH_TEST": 0.005, "NMS_THRESH_TEST": 0.5},
-        "ROI_BOX_HEAD": {"NAME": "FastRCNNConvFCHead", "NUM_FC": 2, "FC_DIM": FC, "POOLER_RESOLUTION": 7},
-        "ROI_MASK_HEAD": {"NAME": "MaskRCNNConvUpsampleHead", "NUM_CONV": 4, "CONV_DIM": MASK, "POOLER_RESOLUTION": 14},
-    }
-    for key, value in model_overrides.items():
-        model[key] = {**model[key], **value} if isinstance(value, dict) else value
-    return {"MODEL": model, "TEST": {"DETECTIONS_PER_IMAGE": 30}}
-
-
-def mask_rcnn(num_classes: int = 80, **model_overrides) -> torch.nn.Module:
-    return build_model(build_detectron2_cfg(mask_rcnn_config(num_classes, **model_overrides))).eval()
-
-
-def _param(generator: torch.Generator, *shape: int, scale: float | None = None) -> torch.Tensor:
-    fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-    std = scale if scale is not None else 1.0 / math.sqrt(fan_in)
-    return torch.randn(*shape, generator=generator) * std
-
-
-def mmdet_checkpoint(seed: int = 0, width: int = WIDTH, num_classes: int = 80, mask: bool = True) -> dict:
-    """A trained-like Mask R-CNN checkpoint in the layout of microsoft/FocalNet's detection release."""
-    generator = torch.Generator().manual_seed(seed)
-    backbone = create_focalnet("focalnet_tiny_srf", features_only=True, embed_dim=width, depths=(1, 1, 1, 1),
-                               focal_windows=(9, 9, 9, 9))
-    state = {f"backbone.{k}": v + 0.02 * torch.randn(v.shape, generator=generator) for k, v in backbone.state_dict().items()}
-    for i, channels in enumerate(width * 2**i for i in range(4)):
-        state[f"neck.lateral_convs.{i}.conv.weight"] = _param(generator, FPN, channels, 1, 1)
-        state[f"neck.fpn_convs.{i}.conv.weight"] = _param(generator, FPN, FPN, 3, 3)
-        state[f"neck.lateral_convs.{i}.conv.bias"] = _param(generator, FPN, scale=0.1)
-        state[f"neck.fpn_convs.{i}.conv.bias"] = _param(generator, FPN, scale=0.1)
-    anchors = len(RATIOS)
-    for name, rows, scale in (("rpn_conv", FPN, None), ("rpn_cls", anchors, None), ("rpn_reg", 4 * anchors, 0.05)):
-        state[f"rpn_head.{name}.weight"] = _param(generator, rows, FPN, *((3, 3) if name == "rpn_conv" else (1, 1)),
-                                                  scale=scale)
-        state[f"rpn_head.{name}.bias"] = _param(generator, rows, scale=0.1)
-    state["roi_head.bbox_head.shared_fcs.0.weight"] = _param(generator, FC, FPN * 49)
-    state["roi_head.bbox_head.shared_fcs.1.weight"] = _param(generator, FC, FC)
-    state["roi_head.bbox_head.fc_cls.weight"] = _param(generator, num_classes + 1, FC, scale=0.5)
-    state["roi_head.bbox_head.fc_reg.weight"] = _param(generator, 4 * num_classes, FC, scale=0.1)
-    for name, rows in (("shared_fcs.0", FC), ("shared_fcs.1", FC), ("fc_cls", num_classes + 1), ("fc_reg", 4 * num_classes)):
-        state[f"roi_head.bbox_head.{name}.bias"] = _param(generator, rows, scale=0.1)
-    if mask:
-        for i in range(4):
-            state[f"roi_head.mask_head.convs.{i}.conv.weight"] = _param(generator, MASK, FPN if i == 0 else MASK, 3, 3)
-            state[f"roi_head.mask_head.convs.{i}.conv.bias"] = _param(generator, MASK, scale=0.1)
-        state["roi_head.mask_head.upsample.weight"] = _param(generator, MASK, MASK, 2, 2)
-        state["roi_head.mask_head.upsample.bias"] = _param(generator, MASK, scale=0.1)
-        state["roi_head.mask_head.conv_logits.weight"] = _param(generator, num_classes, MASK, 1, 1)
-        state["roi_head.mask_head.conv_logits.bias"] = _param(generator, num_classes, scale=0.1)
-    meta = {"mmdet_version": "2.11.0", "epoch": 12, "CLASSES": COCO_THING_NAMES[:num_classes]}
-    return {"meta": meta, "state_dict": state}
 
 
 # ---- references: what the mmdetection modules compute ------------------------------------------------------

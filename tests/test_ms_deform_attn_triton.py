@@ -103,8 +103,6 @@ def _dino_steps(steps: int = 3) -> dict:
     from detectron2.modeling import build_model
     from detectron2.structures import Boxes, Instances
 
-    import focalnet_pl.d2  # noqa: F401
-    import focalnet_pl.dino  # noqa: F401
     from focalnet_pl.d2 import build_detectron2_cfg
     from focalnet_pl.layers import get_fused_kernel, register_fused_kernel
 
@@ -182,6 +180,7 @@ def _within(diffs: dict[str, float], tolerance: dict[str, float]) -> bool:
     return diffs["abs"] <= tolerance["atol"] or diffs["rel"] <= tolerance["rtol"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["float32_odd", "float32_one_level_one_point", "float32_dino_like",
                                   "float32_no_value_grad"])
 def test_float32_forward_and_gradients_match_pytorch_path(interpreted, case):
@@ -193,6 +192,7 @@ def test_float32_forward_and_gradients_match_pytorch_path(interpreted, case):
         assert _within(result[name], FLOAT32), (case, name, result[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["bfloat16", "bfloat16_value_float32_rest"])
 def test_bfloat16_matches_float32_reference_to_bf16_rounding(interpreted, case):
     result = interpreted[case]
@@ -201,12 +201,14 @@ def test_bfloat16_matches_float32_reference_to_bf16_rounding(interpreted, case):
         assert result[name]["abs"] <= BFLOAT16 * result[name]["scale"], (case, name, result[name])
 
 
+@pytest.mark.slow
 def test_module_with_padding_mask_points_and_boxes(interpreted):
     for kind in ("points", "boxes"):
         for name, diffs in interpreted["module"][kind].items():
             assert _within(diffs, FLOAT32), (kind, name, diffs)
 
 
+@pytest.mark.slow
 def test_dino_training_steps_give_the_same_losses(interpreted):
     result = interpreted["dino"]
     assert result["steps"] == 3 and result["num_losses"] > 10

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"embed_dim": 8, "depths": [1, 1, 2, 1], "focal_levels": [2, 2, 3, 2]}
 
 
+@pytest.mark.slow
 def test_classifier_exports_to_onnx_for_any_image_size(tmp_path: Path) -> None:
     torch.manual_seed(0)
     task = ClassificationTask(variant="focalnet_tiny_srf", num_classes=4, model_overrides=TINY, class_names=list("abcd"))
@@ -31,7 +33,8 @@ def test_classifier_exports_to_onnx_for_any_image_size(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({"model": {"class_path": "focalnet_pl.tasks.ClassificationTask",
                                                 "init_args": {"variant": "focalnet_tiny_srf", "model_overrides": TINY}}}))
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "pytorch-lightning_version": L.__version__}, ckpt)
     output = tmp_path / "exports" / "classifier.onnx"
 
     result = subprocess.run(

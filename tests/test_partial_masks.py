@@ -8,12 +8,12 @@ import torch
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from pycocotools import mask as mask_utils
-from test_mask_rcnn import deep_update, tiny_detectron2
 
 from datamodules.coco import COCOInstanceMapper, build_augmentations
 from focalnet_pl.evaluation.coco import box_only_as_ignore_regions, coco_metrics
 from focalnet_pl.d2.partial_masks import HAS_MASK_FIELD
 from focalnet_pl.tasks.detection import DetectionTask
+from helpers import deep_update, tiny_detectron2
 
 
 def _proposals(count: int, generator: torch.Generator, has_mask: list[bool] | None) -> Instances:

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from datamodules.loading import GuardedDataset, GuardedLoader, ResumableSampler
-from focalnet_pl.reliability import AtomicCheckpointIO, atomic_torch_save
+from focalnet_pl.io import atomic_torch_save
+from focalnet_pl.reliability import AtomicCheckpointIO
 from focalnet_pl.weights import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +112,7 @@ def _train_losses(log_dir: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     _make_images(tmp_path / "data")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -179,6 +181,7 @@ AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "g
 """
 
 
+@pytest.mark.slow
 def test_kill_while_saving_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "last.ckpt"
     result = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, str(path)], check=False, cwd=REPO, capture_output=True,

@@ -13,69 +13,11 @@ from PIL import Image
 from datamodules.ade20k import ADE20KPanopticDataModule, ADE20KSemanticDataModule
 from datamodules.coco_panoptic import PanopticDataModule, load_panoptic_json
 from datamodules.segmentation import IGNORE_LABEL, LabelFileError, PadToSize, build_segmentation_augmentations
-
-
-def _write_ade(root: Path, size: tuple[int, int] = (48, 64), label_size: tuple[int, int] | None = None) -> Path:
-    base = root / "ADEChallengeData2016"
-    for split in ("training", "validation"):
-        (base / "images" / split).mkdir(parents=True)
-        (base / "annotations" / split).mkdir(parents=True)
-        for index in range(2):
-            height, width = size
-            image = np.full((height, width, 3), 40 * index, np.uint8)
-            label = np.zeros(label_size or size, np.uint8)  # 0 = unlabelled
-            label[: height // 2] = 1  # class 0
-            label[height // 2 :, : width // 2] = 3  # class 2
-            Image.fromarray(image).save(base / "images" / split / f"ADE_{split}_{index}.jpg")
-            Image.fromarray(label).save(base / "annotations" / split / f"ADE_{split}_{index}.png")
-    return root
-
-
-def _write_panoptic(root: Path, extra_png_id: int | None = None) -> tuple[Path, Path, Path]:
-    """Two 40x40 images: stuff "sky" (id 50) above, a thing "box" (id 7) and a crowd box (id 8) below."""
-    images, pngs = root / "images", root / "panoptic"
-    images.mkdir(parents=True)
-    pngs.mkdir()
-    annotations = []
-    for image_id in (1, 2):
-        ids = np.zeros((40, 40), np.int64)
-        ids[:20] = 50
-        ids[25:35, 5:15] = 7
-        ids[25:35, 25:35] = 8
-        if extra_png_id is not None:
-            ids[0, 0] = extra_png_id
-        rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
-        Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(images / f"{image_id}.jpg")
-        Image.fromarray(rgb).save(pngs / f"{image_id}.png")
-        annotations.append({"image_id": image_id, "file_name": f"{image_id}.png", "segments_info": [
-            {"id": 50, "category_id": 30, "iscrowd": 0},
-            {"id": 7, "category_id": 4, "iscrowd": 0},
-            {"id": 8, "category_id": 4, "iscrowd": 1},
-        ]})
-    json_file = root / "panoptic.json"
-    json_file.write_text(json.dumps({
-        "images": [{"id": i, "file_name": f"{i}.jpg", "height": 40, "width": 40} for i in (1, 2)],
-        "annotations": annotations,
-        "categories": [{"id": 4, "name": "box", "isthing": 1}, {"id": 30, "name": "sky", "isthing": 0}],
-    }))
-    return json_file, images, pngs
-
-
-def write_ade_semantic(base: Path, folder: str, label_format: str) -> None:
-    """Semantic PNGs for the two 40x40 panoptic images under ``base``: class 1 ("sky") on the top 10 rows,
-    class 0 below, unlabelled on row 39 (``annotations_detectron2`` or raw ``annotations`` format)."""
-    target = base / ("annotations_detectron2" if label_format == "detectron2" else "annotations") / folder
-    target.mkdir(parents=True)
-    label = np.zeros((40, 40), np.uint8)
-    label[:10] = 1
-    label[39] = IGNORE_LABEL
-    stored = label if label_format == "detectron2" else (label + 1).astype(np.uint8)  # 255 + 1 -> 0
-    for image_id in (1, 2):
-        Image.fromarray(stored).save(target / f"{image_id}.png")
+from helpers import write_ade, write_ade_semantic, write_panoptic
 
 
 def _panoptic_module(root: Path, **kwargs) -> PanopticDataModule:
-    return _module_for(*_write_panoptic(root, **kwargs))
+    return _module_for(*write_panoptic(root, **kwargs))
 
 
 def _module_for(json_file: Path, images: Path, pngs: Path) -> PanopticDataModule:
@@ -87,7 +29,7 @@ def _module_for(json_file: Path, images: Path, pngs: Path) -> PanopticDataModule
 
 
 def test_ade_semantic_labels_are_shifted_and_zero_is_ignored(tmp_path: Path) -> None:
-    module = ADE20KSemanticDataModule(root=str(_write_ade(tmp_path)), class_names=["a", "b", "c"],
+    module = ADE20KSemanticDataModule(root=str(write_ade(tmp_path)), class_names=["a", "b", "c"],
                                       augmentation="none", test_size=48, num_workers=0)
     module.setup("fit")
     train = module._datasets["train"][0]
@@ -104,7 +46,7 @@ def test_ade_semantic_labels_are_shifted_and_zero_is_ignored(tmp_path: Path) -> 
 
 def test_ade_recipe_crops_and_keeps_labels_aligned(tmp_path: Path) -> None:
     # min_scale 1: the shortest side is resized to at least the crop size (at 0.5 it can be smaller than the crop)
-    module = ADE20KSemanticDataModule(root=str(_write_ade(tmp_path, size=(96, 128))), class_names=["a", "b", "c"],
+    module = ADE20KSemanticDataModule(root=str(write_ade(tmp_path, size=(96, 128))), class_names=["a", "b", "c"],
                                       crop_size=64, min_scale=1.0, num_workers=0, batch_size=2)
     module.setup("fit")
     batch = next(iter(module.train_dataloader()))
@@ -128,7 +70,7 @@ def test_lsj_pads_segmentation_with_the_given_value() -> None:
 
 
 def test_ade_label_with_other_size_names_both_files(tmp_path: Path) -> None:
-    module = ADE20KSemanticDataModule(root=str(_write_ade(tmp_path, label_size=(40, 64))), class_names=["a", "b", "c"],
+    module = ADE20KSemanticDataModule(root=str(write_ade(tmp_path, label_size=(40, 64))), class_names=["a", "b", "c"],
                                       augmentation="none", num_workers=0)
     module.setup("fit")
     with pytest.raises(LabelFileError, match=r"ADE_training_0\.png is 64x40 but its image .*ADE_training_0\.jpg is 64x48"):
@@ -136,7 +78,7 @@ def test_ade_label_with_other_size_names_both_files(tmp_path: Path) -> None:
 
 
 def test_ade_label_values_beyond_the_classes_are_an_error(tmp_path: Path) -> None:
-    module = ADE20KSemanticDataModule(root=str(_write_ade(tmp_path)), class_names=["a", "b"],
+    module = ADE20KSemanticDataModule(root=str(write_ade(tmp_path)), class_names=["a", "b"],
                                       augmentation="none", num_workers=0)
     module.setup("fit")
     with pytest.raises(LabelFileError, match=r"ADE_training_0\.png .*values \[3\] above the 2 classes"):
@@ -144,7 +86,7 @@ def test_ade_label_values_beyond_the_classes_are_an_error(tmp_path: Path) -> Non
 
 
 def test_ade_image_without_label_is_an_error(tmp_path: Path) -> None:
-    root = _write_ade(tmp_path)
+    root = write_ade(tmp_path)
     (root / "ADEChallengeData2016" / "annotations" / "validation" / "ADE_validation_1.png").unlink()
     module = ADE20KSemanticDataModule(root=str(root), class_names=["a", "b", "c"], num_workers=0)
     with pytest.raises(FileNotFoundError, match=r"ADE_validation_1\.jpg has no label PNG"):
@@ -181,7 +123,7 @@ def test_panoptic_png_with_other_size_names_both_files(tmp_path: Path) -> None:
 
 
 def test_panoptic_json_with_unknown_category_is_an_error(tmp_path: Path) -> None:
-    json_file, images, pngs = _write_panoptic(tmp_path)
+    json_file, images, pngs = write_panoptic(tmp_path)
     data = json.loads(json_file.read_text())
     data["annotations"][1]["segments_info"][0]["category_id"] = 99
     json_file.write_text(json.dumps(data))
@@ -193,7 +135,7 @@ def test_panoptic_json_with_unknown_category_is_an_error(tmp_path: Path) -> None
 def test_ade20k_panoptic_layout_scores_miou_on_the_semantic_annotations(tmp_path: Path, label_format: str | None) -> None:
     base = tmp_path / "ADEChallengeData2016"
     for split, folder in (("train", "training"), ("val", "validation")):
-        json_file, images, pngs = _write_panoptic(tmp_path / split)
+        json_file, images, pngs = write_panoptic(tmp_path / split)
         (base / "images").mkdir(parents=True, exist_ok=True)
         images.rename(base / "images" / folder)
         pngs.rename(base / f"ade20k_panoptic_{split}")
@@ -217,7 +159,6 @@ def test_ade20k_panoptic_layout_scores_miou_on_the_semantic_annotations(tmp_path
     assert torch.equal(val["sem_seg_gt"], expected)
 
 
-
 def test_ade_recipe_uses_ssd_colour_jitter_and_pads_crops_to_the_crop_size() -> None:
     from detectron2.data import transforms as T
     from detectron2.projects.point_rend import ColorAugSSDTransform
@@ -235,7 +176,7 @@ def test_ade_recipe_uses_ssd_colour_jitter_and_pads_crops_to_the_crop_size() -> 
 
 
 def test_panoptic_records_keep_json_areas_and_give_instance_ground_truth(tmp_path: Path) -> None:
-    json_file, images, pngs = _write_panoptic(tmp_path)
+    json_file, images, pngs = write_panoptic(tmp_path)
     data = json.loads(json_file.read_text())
     for annotation in data["annotations"]:
         annotation["segments_info"][0]["area"] = 999  # recorded before things were pasted (ADE20K)
@@ -256,7 +197,7 @@ def test_instance_ap_of_perfect_masks_against_the_derived_ground_truth(tmp_path:
 
     from focalnet_pl.evaluation.coco import COCOInstanceEvaluator
 
-    json_file, images, pngs = _write_panoptic(tmp_path)
+    json_file, images, pngs = write_panoptic(tmp_path)
     data = json.loads(json_file.read_text())
     for image, annotation in zip(data["images"], data["annotations"]):  # string ids, as ADE20K's
         image["id"] = annotation["image_id"] = f"ADE_val_{image['id']}"

@@ -181,6 +181,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, results: mp.Queue) -> Non
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_metrics_gather_across_ranks_and_count_each_image_once() -> None:
     import socket
 

@@ -59,6 +59,7 @@ def _write_sweep(tmp_path: Path, tiny: Path, **changes) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_four_trial_sweep_runs_ranks_and_resumes(tmp_path, tiny_demo, monkeypatch):
     path = _write_sweep(tmp_path, tiny_demo)
     train = sweep_module.train_trial
@@ -112,6 +113,7 @@ def test_four_trial_sweep_runs_ranks_and_resumes(tmp_path, tiny_demo, monkeypatc
     assert [r["value"] for r in run_sweep(path) if r["status"] == "ok"] == values
 
 
+@pytest.mark.slow
 def test_tpe_search_space_samples_within_bounds(tmp_path, tiny_demo):
     path = _write_sweep(tmp_path, tiny_demo, grid=None, n_trials=1,
                         search_space={"model.init_args.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
@@ -124,6 +126,7 @@ def test_tpe_search_space_samples_within_bounds(tmp_path, tiny_demo):
     assert run_sweep(path) == [row]  # n_trials reached: nothing more runs
 
 
+@pytest.mark.slow
 def test_local_job_reports_to_the_study_and_is_pruned(tmp_path, tiny_demo):
     """``launcher: local`` runs the trial in a submitit job (the function SLURM jobs run); the pruner stops it
     at its first validation (threshold: val/loss above 0), one epoch of two."""

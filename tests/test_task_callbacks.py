@@ -11,12 +11,12 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import CSVLogger
-from test_classification import TINY, _write_imagefolder
 
 from focalnet_pl.cli import FocalNetCLI, resolve_checkpoint_alias
 from focalnet_pl.reliability import AtomicCheckpointIO
 from focalnet_pl.tasks import ClassificationTask
 from focalnet_pl.tasks.callbacks import LastCheckpointEveryNSteps, RandomStateCheckpoint, default_task_callbacks
+from helpers import TINY, write_imagefolder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WITH_CHECKPOINT = [p for p in sorted(CONFIGS.rglob("*.yaml")) if "ModelCheckpoint" in p.read_text()]
@@ -58,10 +58,11 @@ def test_defaults_replace_only_lightnings_placeholder(tmp_path: Path) -> None:
     assert [type(c) for c in added] == [RandomStateCheckpoint]
 
 
+@pytest.mark.slow
 def test_yaml_checkpoint_runs_beside_the_every_n_steps_last_checkpoint(tmp_path: Path) -> None:
     """A real fit: the config's ModelCheckpoint (best val/loss, its own file names) is the one that runs,
     while the task still refreshes last.ckpt every step; writes go through the atomic CheckpointIO plugin."""
-    root = _write_imagefolder(tmp_path / "data", n_per_class=4)
+    root = write_imagefolder(tmp_path / "data", n_per_class=4)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "trainer": {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 2, "log_every_n_steps": 1,

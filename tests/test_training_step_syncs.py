@@ -3,7 +3,6 @@ in one copy), found with :class:`focalnet_pl.profiling.HostSyncAudit` on CPU; ba
 matching each prediction set alone."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -15,10 +14,8 @@ from focalnet_pl.dino import HungarianMatcher
 from focalnet_pl.mask2former import HungarianMaskMatcher
 from focalnet_pl.matching import indices_to_device
 from focalnet_pl.profiling import HostSyncAudit
+from helpers import random_boxes, scene, scene_batch, tiny_dino_cfg, tiny_mask2former
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_dino import random_boxes, scene, tiny_cfg  # noqa: E402
-from test_mask2former import _scene_batch, tiny_mask2former  # noqa: E402
 
 THE_ONE_READ = {("cpu", "matching.py", "assign"): 1}  # all cost matrices of the step, copied together
 
@@ -36,7 +33,7 @@ def _device_reads(model, batch, host_side: set[tuple[str, str]]) -> dict:
 
 def test_dino_step_reads_the_device_once():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg())
+    model = build_model(tiny_dino_cfg())
     batch = [scene([(8, 10, 30, 40), (40, 36, 60, 60)], [0, 1]), scene([(20, 6, 52, 26)], [1]), scene([], [])]
     # the loader's labels (range check) and detectron2's ImageList shape tensors stay on the host
     reads = _device_reads(model, batch, {("dino.py", "prepare_targets"), ("dino.py", "preprocess_image")})
@@ -46,7 +43,7 @@ def test_dino_step_reads_the_device_once():
 def test_mask2former_step_reads_the_device_once():
     torch.manual_seed(0)
     model = build_model(build_detectron2_cfg(tiny_mask2former(3, [0])))
-    reads = _device_reads(model, _scene_batch(), set())
+    reads = _device_reads(model, scene_batch(), set())
     image_list_shapes = ("aten._local_scalar_dense", "mask2former.py", "forward")  # host shape tensors
     assert reads == THE_ONE_READ | {image_list_shapes: 2}, reads
 

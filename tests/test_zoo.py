@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 
-from test_mmdet_mask_rcnn import mask_rcnn, mmdet_checkpoint
 
 from focalnet_pl import load_detector_weights
 from focalnet_pl import weights as weights_module
@@ -20,6 +19,7 @@ from focalnet_pl.cli import main as cli_main
 from focalnet_pl.focalnet import VARIANTS
 from focalnet_pl.weights import OFFLINE_ENV, CheckpointError, cache_path, resolve_source
 from focalnet_pl.zoo import list_zoo, zoo_entry
+from helpers import mask_rcnn, mmdet_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,6 +105,7 @@ def test_download_goes_to_the_cache_and_a_failed_one_names_url_and_path(hub_dir,
         resolve_source("http://example.org/weights/model.pth")
 
 
+@pytest.mark.slow
 def test_zoo_command_lists_and_shows_entries(capsys):
     cli_main(["zoo"])
     listing = capsys.readouterr().out

@@ -3,7 +3,6 @@
 from focalnet_pl.d2.backbone import FocalNetBackbone, build_focalnet_backbone, build_focalnet_fpn_backbone
 from focalnet_pl.d2.config import (
     CONFIG_EXTENSIONS,
-    META_ARCHITECTURE_MODULES,
     NUM_CLASSES_KEYS,
     add_focalnet_config,
     build_detectron2_cfg,
@@ -11,7 +10,6 @@ from focalnet_pl.d2.config import (
 
 __all__ = [
     "CONFIG_EXTENSIONS",
-    "META_ARCHITECTURE_MODULES",
     "NUM_CLASSES_KEYS",
     "FocalNetBackbone",
     "add_focalnet_config",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,7 +10,6 @@ from detectron2.config import get_cfg
 
 __all__ = [
     "CONFIG_EXTENSIONS",
-    "META_ARCHITECTURE_MODULES",
     "NUM_CLASSES_KEYS",
     "add_focalnet_config",
     "build_detectron2_cfg",
@@ -56,11 +54,6 @@ NUM_CLASSES_KEYS: dict[str, str] = {
     "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
     "DINO": "MODEL.DINO.NUM_CLASSES",
 }
-
-
-#: Modules that register a meta-architecture and its config extension when imported;
-#: :func:`build_detectron2_cfg` imports the one named by ``MODEL.META_ARCHITECTURE``.
-META_ARCHITECTURE_MODULES: dict[str, str] = {"DINO": "focalnet_pl.dino"}
 
 
 def get_dotted(cfg: CN, key: str) -> Any:
@@ -122,10 +115,6 @@ def build_detectron2_cfg(overrides: Mapping[str, Any] | None = None) -> CN:
     raises naming the full dotted key. The returned config is frozen.
     """
     overrides = overrides or {}
-    model = overrides.get("MODEL")
-    architecture = model.get("META_ARCHITECTURE") if isinstance(model, Mapping) else None
-    if architecture in META_ARCHITECTURE_MODULES:
-        importlib.import_module(META_ARCHITECTURE_MODULES[architecture])
     cfg = get_cfg()
     for extend in CONFIG_EXTENSIONS:
         extend(cfg)

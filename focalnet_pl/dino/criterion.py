@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from focalnet_pl.dino.denoising import DenoisingMeta
 from focalnet_pl.dino.matcher import HungarianMatcher
-from focalnet_pl.matching import indices_to_device
+from focalnet_pl.matching import average_num_targets, indices_to_device
 
 Prediction = dict[str, Tensor]  # "pred_logits" (B, Q, K), "pred_boxes" (B, Q, 4)
 
@@ -62,16 +61,6 @@ class SetCriterion(nn.Module):
     def _weighted(self, losses: dict[str, Tensor], suffix: str) -> dict[str, Tensor]:
         return {f"{name}{suffix}": value * self.weights[name] for name, value in losses.items()}
 
-    @staticmethod
-    def _average_num_boxes(count: int, device: torch.device) -> float | Tensor:
-        """Ground-truth boxes per process, at least 1: a host number, or with several processes a device
-        tensor (averaged over them without waiting for the result)."""
-        if dist.is_available() and dist.is_initialized():
-            total = torch.tensor([float(count)]).to(device, non_blocking=True)
-            dist.all_reduce(total)
-            return (total / dist.get_world_size()).clamp(min=1.0)
-        return max(float(count), 1.0)
-
     def forward(
         self,
         outputs: Prediction,
@@ -88,7 +77,7 @@ class SetCriterion(nn.Module):
         matched indices of all sets, denoising included, go to the device in one asynchronous copy.
         """
         device = outputs["pred_logits"].device
-        num_boxes = self._average_num_boxes(sum(len(t["labels"]) for t in targets), device)
+        num_boxes = average_num_targets(sum(len(t["labels"]) for t in targets), device)
         sets = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(aux_outputs)]
         if interm_outputs is not None:
             sets.append(("_interm", interm_outputs))

@@ -15,14 +15,10 @@ from torchvision.ops import box_convert
 from focalnet_pl.dino.criterion import Prediction, SetCriterion
 from focalnet_pl.dino.denoising import DenoisingQueries, make_denoising_queries
 from focalnet_pl.dino.matcher import HungarianMatcher
-from focalnet_pl.dino.transformer import MLP, DeformableTransformer, TransformerOutput
-from focalnet_pl.layers import DINOSinePositionEmbedding
+from focalnet_pl.dino.transformer import DeformableTransformer, TransformerOutput
+from focalnet_pl.layers import MLP, DINOSinePositionEmbedding, PixelNormalization, group_norm
 
 __all__ = ["DINO"]
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 @META_ARCH_REGISTRY.register()
@@ -84,13 +80,13 @@ class DINO(nn.Module):
         self.size_divisibility = size_divisibility
 
         projections = [
-            nn.Sequential(nn.Conv2d(shapes[name].channels, hidden_dim, 1), _group_norm(hidden_dim))
+            nn.Sequential(nn.Conv2d(shapes[name].channels, hidden_dim, 1), group_norm(hidden_dim))
             for name in in_features
         ]
         channels = shapes[in_features[-1]].channels
         for _ in range(num_feature_levels - len(in_features)):
             projections.append(
-                nn.Sequential(nn.Conv2d(channels, hidden_dim, 3, stride=2, padding=1), _group_norm(hidden_dim))
+                nn.Sequential(nn.Conv2d(channels, hidden_dim, 3, stride=2, padding=1), group_norm(hidden_dim))
             )
             channels = hidden_dim
         self.input_proj = nn.ModuleList(projections)
@@ -98,9 +94,7 @@ class DINO(nn.Module):
             nn.init.xavier_uniform_(projection[0].weight, gain=1)
             nn.init.zeros_(projection[0].bias)
         self.label_embedding = nn.Embedding(num_classes, hidden_dim)
-        # float64, cast to the weights' dtype when used (exact in a float64 model)
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float64).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float64).view(-1, 1, 1), persistent=False)
+        self.normalize = PixelNormalization(pixel_mean, pixel_std)
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict:
@@ -157,13 +151,12 @@ class DINO(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.pixel_mean.device
+        return self.normalize.mean.device
 
     def preprocess_image(self, batched_inputs: list[dict]) -> tuple[ImageList, Tensor]:
         """Normalise, pad into one batch; returns the ImageList and the (B, H, W) padding mask (True = pad)."""
         dtype = self.input_proj[0][0].weight.dtype
-        mean, std = self.pixel_mean.to(dtype), self.pixel_std.to(dtype)
-        images = [(x["image"].to(self.device, dtype, non_blocking=True) - mean) / std for x in batched_inputs]
+        images = [self.normalize(x["image"], dtype) for x in batched_inputs]
         image_list = ImageList.from_tensors(images, self.size_divisibility)
         batch, _, height, width = image_list.tensor.shape
         mask = torch.ones(batch, height, width, dtype=torch.bool, device=self.device)

@@ -7,27 +7,19 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from focalnet_pl.dino.box_ops import inverse_sigmoid
-from focalnet_pl.layers import MultiScaleDeformableAttention, spatial_shapes_list, spatial_shapes_tensor
-
-
-class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU between them."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for index, layer in enumerate(self.layers):
-            x = layer(x)
-            if index < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
+from focalnet_pl.layers import (
+    MLP,
+    DeformableEncoderLayer,
+    MultiScaleDeformableAttention,
+    encoder_reference_points,
+    level_starts,
+    spatial_shapes_list,
+    spatial_shapes_tensor,
+    valid_ratios,
+)
 
 
 def box_sine_embedding(boxes: Tensor, hidden_dim: int, temperature: float = 10000.0) -> Tensor:
@@ -40,24 +32,6 @@ def box_sine_embedding(boxes: Tensor, hidden_dim: int, temperature: float = 1000
     embedded = torch.stack([scaled[..., 0::2].sin(), scaled[..., 1::2].cos()], dim=-1).flatten(-2)
     cx, cy, w, h = embedded.unbind(-2)
     return torch.cat([cy, cx, w, h], dim=-1).to(boxes.dtype)
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, hidden_dim: int, ffn_dim: int, dropout: float, heads: int, levels: int, points: int) -> None:
-        super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(hidden_dim, heads, levels, points)
-        self.norm1 = nn.LayerNorm(hidden_dim)
-        self.ffn = nn.Sequential(
-            nn.Linear(hidden_dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, hidden_dim)
-        )
-        self.norm2 = nn.LayerNorm(hidden_dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, shapes: Tensor, starts: Tensor,
-                padding_mask: Tensor) -> Tensor:
-        attended = self.self_attn(src + pos, reference_points, src, shapes, starts, padding_mask)
-        src = self.norm1(src + self.dropout(attended))
-        return self.norm2(src + self.dropout(self.ffn(src)))
 
 
 class DecoderLayer(nn.Module):
@@ -125,7 +99,7 @@ class DeformableTransformer(nn.Module):
         self.num_queries = num_queries
         self.two_stage = two_stage
         self.share_heads = share_heads
-        encoder_layer = EncoderLayer(hidden_dim, ffn_dim, dropout, num_heads, num_levels, enc_points)
+        encoder_layer = DeformableEncoderLayer(hidden_dim, ffn_dim, dropout, num_heads, num_levels, enc_points)
         decoder_layer = DecoderLayer(hidden_dim, ffn_dim, dropout, num_heads, num_levels, dec_points)
         self.encoder_layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(enc_layers))
         self.decoder_layers = nn.ModuleList(copy.deepcopy(decoder_layer) for _ in range(dec_layers))
@@ -172,30 +146,6 @@ class DeformableTransformer(nn.Module):
         """Matching queries used for a memory of ``num_tokens`` (all of them unless the memory is smaller)."""
         return min(self.num_queries, num_tokens)
 
-    @staticmethod
-    def valid_ratios(padding_mask: Tensor) -> Tensor:
-        """``(B, 2)`` fraction (x, y) of each level's map covered by the image (not padding)."""
-        _, height, width = padding_mask.shape
-        valid_h = (~padding_mask[:, :, 0]).sum(1).float() / height
-        valid_w = (~padding_mask[:, 0, :]).sum(1).float() / width
-        return torch.stack([valid_w, valid_h], -1)
-
-    @staticmethod
-    def encoder_reference_points(shapes: Tensor, valid_ratios: Tensor) -> Tensor:
-        """Pixel centres of every level, normalised by the valid area -> ``(B, S, L, 2)``."""
-        points = []
-        for level, (height, width) in enumerate(spatial_shapes_list(shapes)):
-            ys, xs = torch.meshgrid(
-                torch.arange(height, device=valid_ratios.device, dtype=torch.float32) + 0.5,
-                torch.arange(width, device=valid_ratios.device, dtype=torch.float32) + 0.5,
-                indexing="ij",
-            )
-            x = xs.reshape(1, -1) / (valid_ratios[:, None, level, 0] * width)
-            y = ys.reshape(1, -1) / (valid_ratios[:, None, level, 1] * height)
-            points.append(torch.stack([x, y], -1))
-        points = torch.cat(points, 1)
-        return points[:, :, None] * valid_ratios[:, None]
-
     def encoder_proposals(self, memory: Tensor, padding_mask: Tensor, shapes: Tensor) -> tuple[Tensor, Tensor]:
         """One anchor per memory position (its pixel, size 0.05 * 2**level) and the projected memory.
 
@@ -236,16 +186,16 @@ class DeformableTransformer(nn.Module):
     ) -> TransformerOutput:
         """``features[l] (B, D, H_l, W_l)`` with their padding masks and position embeddings."""
         shapes = spatial_shapes_tensor([f.shape[-2:] for f in features], features[0].device)
-        starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+        starts = level_starts(shapes)
         src = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)
         padding_mask = torch.cat([m.flatten(1) for m in padding_masks], 1)
         pos = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[level] for level, p in enumerate(positions)], 1
         )
-        valid_ratios = torch.stack([self.valid_ratios(m) for m in padding_masks], 1)  # (B, L, 2)
+        ratios = torch.stack([valid_ratios(m) for m in padding_masks], 1)  # (B, L, 2)
 
         memory = src
-        reference_points = self.encoder_reference_points(shapes, valid_ratios)
+        reference_points = encoder_reference_points(shapes, ratios)
         for layer in self.encoder_layers:
             memory = layer(memory, pos, reference_points, shapes, starts, padding_mask)
 
@@ -272,7 +222,7 @@ class DeformableTransformer(nn.Module):
                 raise ValueError(f"attn_mask of size {attn_mask.shape[0]} for {content.shape[1]} queries")
 
         logits, boxes = self.decode(content, anchors_unsigmoid.sigmoid(), memory, padding_mask, shapes,
-                                    starts, valid_ratios, attn_mask)
+                                    starts, ratios, attn_mask)
         return TransformerOutput(logits, boxes, encoder_logits, encoder_boxes)
 
     def decode(self, tgt: Tensor, anchors: Tensor, memory: Tensor, padding_mask: Tensor, shapes: Tensor,

@@ -1,9 +1,13 @@
 """Reusable neural-network layers shared by the detection and segmentation heads."""
 
+from focalnet_pl.layers.deformable_encoder import DeformableEncoderLayer, encoder_reference_points, valid_ratios
+from focalnet_pl.layers.group_norm import group_norm
+from focalnet_pl.layers.mlp import MLP
 from focalnet_pl.layers.ms_deform_attn import (
     FusedKernel,
     MultiScaleDeformableAttention,
     get_fused_kernel,
+    level_starts,
     ms_deform_attn_sample,
     ms_deform_attn_sample_pytorch,
     register_fused_kernel,
@@ -11,6 +15,7 @@ from focalnet_pl.layers.ms_deform_attn import (
     spatial_shapes_tensor,
     triton_kernel,
 )
+from focalnet_pl.layers.pixel_normalization import PixelNormalization
 from focalnet_pl.layers.position_encoding import (
     DINOSinePositionEmbedding,
     MaskFormerSinePositionEmbedding,
@@ -19,10 +24,16 @@ from focalnet_pl.layers.position_encoding import (
 
 __all__ = [
     "DINOSinePositionEmbedding",
+    "DeformableEncoderLayer",
     "FusedKernel",
+    "MLP",
     "MaskFormerSinePositionEmbedding",
     "MultiScaleDeformableAttention",
+    "PixelNormalization",
+    "encoder_reference_points",
     "get_fused_kernel",
+    "group_norm",
+    "level_starts",
     "ms_deform_attn_sample",
     "ms_deform_attn_sample_pytorch",
     "register_fused_kernel",
@@ -30,4 +41,5 @@ __all__ = [
     "spatial_shapes_list",
     "spatial_shapes_tensor",
     "triton_kernel",
+    "valid_ratios",
 ]

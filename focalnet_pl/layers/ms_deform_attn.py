@@ -36,6 +36,7 @@ __all__ = [
     "FusedKernel",
     "MultiScaleDeformableAttention",
     "get_fused_kernel",
+    "level_starts",
     "ms_deform_attn_sample",
     "ms_deform_attn_sample_pytorch",
     "register_fused_kernel",
@@ -169,7 +170,8 @@ def spatial_shapes_list(spatial_shapes: Tensor) -> tuple[tuple[int, int], ...]:
     return sizes
 
 
-def _level_start_index(spatial_shapes: Tensor) -> Tensor:
+def level_starts(spatial_shapes: Tensor) -> Tensor:
+    """Offset of each level's first position in the flattened multi-scale sequence: ``(L,)`` from ``(L, 2)``."""
     areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
     return torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
 
@@ -247,7 +249,7 @@ def ms_deform_attn_sample(
     kernel = _fused_kernel
     if use_fused and kernel is not None and kernel.accepts(value):
         if level_start_index is None:
-            level_start_index = _level_start_index(spatial_shapes)
+            level_start_index = level_starts(spatial_shapes)
         return kernel.fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return ms_deform_attn_sample_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from focalnet_pl.mask2former.matcher import HungarianMaskMatcher
 from focalnet_pl.mask2former.point_sampling import draw_point_candidates, point_sample, sample_uncertain_points
-from focalnet_pl.matching import indices_to_device
+from focalnet_pl.matching import average_num_targets, indices_to_device
 
 __all__ = ["MaskSetCriterion"]
 
@@ -30,8 +29,8 @@ def sigmoid_bce_loss(logits: Tensor, targets: Tensor, num_masks: float) -> Tenso
 class MaskSetCriterion(nn.Module):
     """Hungarian-matched losses on the final and (deep supervision) every intermediate prediction.
 
-    Returns unweighted losses named ``loss_ce``, ``loss_mask``, ``loss_dice`` and, for the auxiliary
-    outputs, the same names suffixed ``_<i>``; :attr:`weight_dict` holds their weights.
+    Returns weighted losses named ``loss_ce``, ``loss_mask``, ``loss_dice`` and, for the auxiliary
+    outputs, the same names suffixed ``_<i>``; their sum is the training loss.
     """
 
     def __init__(
@@ -45,7 +44,6 @@ class MaskSetCriterion(nn.Module):
         num_points: int = 12544,
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
-        num_aux_outputs: int = 9,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -56,10 +54,7 @@ class MaskSetCriterion(nn.Module):
         class_weights = torch.ones(num_classes + 1)
         class_weights[-1] = no_object_weight
         self.register_buffer("class_weights", class_weights, persistent=False)
-        base = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
-        self.weight_dict = dict(base)
-        for aux_index in range(num_aux_outputs):
-            self.weight_dict.update({f"{name}_{aux_index}": weight for name, weight in base.items()})
+        self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
 
     def _class_loss(self, pred_logits: Tensor, images: Tensor, queries: Tensor, labels: Tensor) -> Tensor:
         target_classes = torch.full(pred_logits.shape[:2], self.num_classes, dtype=torch.long, device=pred_logits.device)
@@ -93,11 +88,7 @@ class MaskSetCriterion(nn.Module):
         """
         device = outputs["pred_logits"].device
         counts = [len(t["labels"]) for t in targets]
-        num_masks: float | Tensor = max(float(sum(counts)), 1.0)
-        if dist.is_available() and dist.is_initialized():
-            total = torch.tensor(float(sum(counts))).to(device, non_blocking=True)
-            dist.all_reduce(total)
-            num_masks = (total / dist.get_world_size()).clamp(min=1.0)
+        num_masks = average_num_targets(sum(counts), device)
         layers = [outputs, *outputs.get("aux_outputs", [])]
         match_points, loss_draws = [], []
         for layer in layers:
@@ -117,5 +108,5 @@ class MaskSetCriterion(nn.Module):
             layer_losses = {"loss_ce": self._class_loss(layer["pred_logits"], images, queries, labels[matched])}
             layer_losses.update(self._mask_losses(layer["pred_masks"], images, queries, masks[matched], num_masks, draws))
             suffix = "" if index == 0 else f"_{index - 1}"
-            losses.update({f"{name}{suffix}": value for name, value in layer_losses.items()})
+            losses.update({f"{name}{suffix}": value * self.weights[name] for name, value in layer_losses.items()})
         return losses

@@ -19,6 +19,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from focalnet_pl.layers import PixelNormalization
 from focalnet_pl.mask2former.criterion import MaskSetCriterion
 from focalnet_pl.mask2former.matcher import HungarianMaskMatcher
 from focalnet_pl.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
@@ -151,8 +152,7 @@ class Mask2Former(nn.Module):
         # resize the mask logits to the output size before combining them (always for panoptic / instance
         # outputs); otherwise semantic scores are combined at the input size, then resized
         self.resize_before_inference = resize_before_inference or panoptic_on or instance_on
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        self.normalize = PixelNormalization(pixel_mean, pixel_std)
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict[str, Any]:
@@ -201,7 +201,6 @@ class Mask2Former(nn.Module):
             num_points=node.TRAIN_NUM_POINTS,
             oversample_ratio=node.OVERSAMPLE_RATIO,
             importance_sample_ratio=node.IMPORTANCE_SAMPLE_RATIO,
-            num_aux_outputs=node.DEC_LAYERS if node.DEEP_SUPERVISION else 0,
         )
         return {
             "backbone": backbone,
@@ -225,7 +224,7 @@ class Mask2Former(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.pixel_mean.device
+        return self.normalize.mean.device
 
     def _targets(self, batched_inputs: list[dict[str, Any]], padded_size: tuple[int, int]) -> list[dict[str, Tensor]]:
         targets = []
@@ -243,7 +242,7 @@ class Mask2Former(nn.Module):
 
     def forward(self, batched_inputs: list[dict[str, Any]]) -> dict[str, Tensor] | list[dict[str, Any]]:
         """Training: weighted losses. Inference: one result dict per input (see module docstring)."""
-        images = [(record["image"].to(self.device) - self.pixel_mean) / self.pixel_std for record in batched_inputs]
+        images = [self.normalize(record["image"]) for record in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
         mask_features, multi_scale_features = self.pixel_decoder(self.backbone(images.tensor))
         outputs = self.transformer_decoder(multi_scale_features, mask_features)
@@ -251,8 +250,7 @@ class Mask2Former(nn.Module):
         if self.training:
             if not self.deep_supervision:
                 outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-            losses = self.criterion(outputs, self._targets(batched_inputs, tuple(images.tensor.shape[-2:])))
-            return {name: value * self.criterion.weight_dict[name] for name, value in losses.items()}
+            return self.criterion(outputs, self._targets(batched_inputs, tuple(images.tensor.shape[-2:])))
 
         mask_logits = F.interpolate(
             outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False

@@ -7,52 +7,21 @@ the finer maps (res2) join through an FPN-style top-down path that ends in the p
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
-from focalnet_pl.layers import MaskFormerSinePositionEmbedding, MultiScaleDeformableAttention, spatial_shapes_tensor
+from focalnet_pl.layers import (
+    DeformableEncoderLayer,
+    MaskFormerSinePositionEmbedding,
+    encoder_reference_points,
+    group_norm,
+    level_starts,
+    spatial_shapes_tensor,
+)
 
-__all__ = ["MSDeformAttnPixelDecoder", "group_norm"]
-
-
-def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with up to ``groups`` groups (fewer for narrow test models)."""
-    return nn.GroupNorm(math.gcd(groups, channels), channels)
-
-
-class DeformableEncoderLayer(nn.Module):
-    """Post-norm deformable self-attention over all levels, then a feed-forward block."""
-
-    def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int, ffn_dim: int, dropout: float) -> None:
-        super().__init__()
-        self.attention = MultiScaleDeformableAttention(dim, num_heads, num_levels, num_points)
-        self.norm1 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
-        self.norm2 = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor, level_start: Tensor) -> Tensor:
-        attended = self.attention(src + pos, reference_points, src, spatial_shapes, level_start)
-        src = self.norm1(src + self.dropout(attended))
-        return self.norm2(src + self.dropout(self.ffn(src)))
-
-
-def _encoder_reference_points(spatial_shapes: list[tuple[int, int]], batch: int, device: torch.device) -> Tensor:
-    """Normalised pixel centres of every level, repeated for each level: (B, S, L, 2)."""
-    points = []
-    for height, width in spatial_shapes:
-        y, x = torch.meshgrid(
-            (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height,
-            (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width,
-            indexing="ij",
-        )
-        points.append(torch.stack([x.flatten(), y.flatten()], -1))
-    reference = torch.cat(points, 0)
-    return reference[None, :, None, :].expand(batch, -1, len(spatial_shapes), -1)
+__all__ = ["MSDeformAttnPixelDecoder"]
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
@@ -93,7 +62,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(len(self.transformer_features), conv_dim))
         nn.init.normal_(self.level_embed)
         self.encoder_layers = nn.ModuleList(
-            DeformableEncoderLayer(conv_dim, num_heads, len(self.transformer_features), num_points, ffn_dim, dropout)
+            DeformableEncoderLayer(conv_dim, ffn_dim, dropout, num_heads, len(self.transformer_features), num_points)
             for _ in range(num_encoder_layers)
         )
         self.lateral_convs = nn.ModuleList(
@@ -130,9 +99,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         pos = torch.cat(positions, 1)
         device = src.device
         spatial_shapes = spatial_shapes_tensor(shapes, device)
-        areas = spatial_shapes.prod(1)
-        level_start = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-        reference_points = _encoder_reference_points(shapes, src.shape[0], device).to(src.dtype)
+        level_start = level_starts(spatial_shapes)
+        unpadded = src.new_ones(src.shape[0], len(shapes), 2, dtype=torch.float32)
+        reference_points = encoder_reference_points(spatial_shapes, unpadded).to(src.dtype)
         for layer in self.encoder_layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from focalnet_pl.layers import MaskFormerSinePositionEmbedding
+from focalnet_pl.layers import MLP, MaskFormerSinePositionEmbedding
 
 __all__ = ["MaskedAttentionDecoder"]
 
@@ -40,17 +40,6 @@ class _FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(x + self.dropout(self.layers(x)))
-
-
-class _MLP(nn.Sequential):
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        layers: list[nn.Module] = []
-        for index, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(a, b))
-            if index < num_layers - 1:
-                layers.append(nn.ReLU(inplace=True))
-        super().__init__(*layers)
 
 
 class MaskedAttentionDecoder(nn.Module):
@@ -93,7 +82,7 @@ class MaskedAttentionDecoder(nn.Module):
                 projections.append(nn.Identity())
         self.input_projections = nn.ModuleList(projections)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
-        self.mask_embed = _MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         for module in [*self.cross_attention, *self.self_attention]:
             for parameter in module.parameters():
                 if parameter.dim() > 1:

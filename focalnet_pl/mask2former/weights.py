@@ -31,7 +31,7 @@ _PREDICTOR = "sem_seg_head.predictor."
 _PIXEL_DECODER_RULES: list[tuple[str, str]] = [
     (r"^input_proj\.(\d+)\.([01])\.", r"input_projections.\1.\2."),
     (r"^transformer\.level_embed$", "level_embed"),
-    (r"^transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"encoder_layers.\1.attention."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"encoder_layers.\1.self_attn."),
     (r"^transformer\.encoder\.layers\.(\d+)\.(norm[12])\.", r"encoder_layers.\1.\2."),
     (r"^transformer\.encoder\.layers\.(\d+)\.linear1\.", r"encoder_layers.\1.ffn.0."),
     (r"^transformer\.encoder\.layers\.(\d+)\.linear2\.", r"encoder_layers.\1.ffn.3."),
@@ -53,7 +53,7 @@ _PREDICTOR_RULES: list[tuple[str, str]] = [
     (r"^level_embed\.", "level_embed."),
     (r"^input_proj\.(\d+)\.", r"input_projections.\1."),
     (r"^class_embed\.", "class_embed."),
-    (r"^mask_embed\.layers\.(\d+)\.", lambda m: f"mask_embed.{2 * int(m.group(1))}."),
+    (r"^mask_embed\.layers\.", "mask_embed.layers."),
 ]
 
 _CLASS_KEYS = ("transformer_decoder.class_embed.weight", "transformer_decoder.class_embed.bias")

@@ -55,9 +55,8 @@ log = logging.getLogger(__name__)
 #: FSDP2 units of the detectors (class names absent from a model are ignored)
 FSDP_BLOCK_TYPES = (
     FocalNetBlock,
-    "focalnet_pl.dino.transformer.EncoderLayer",
+    "focalnet_pl.layers.deformable_encoder.DeformableEncoderLayer",
     "focalnet_pl.dino.transformer.DecoderLayer",
-    "focalnet_pl.mask2former.pixel_decoder.DeformableEncoderLayer",
 )
 
 #: the config key of each meta-architecture's thing classes (panoptic inference), when it has one

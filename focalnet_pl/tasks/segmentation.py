@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import focalnet_pl.mask2former  # noqa: F401  (registers Mask2Former and its config keys)
 from focalnet_pl.reliability import NonFiniteAction
 from focalnet_pl.tasks.detection import DetectionTask
 

@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD
 #: pictures are scaled so that their short side is at least this many pixels
 MIN_SIDE = 224
 

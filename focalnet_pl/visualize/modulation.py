@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from focalnet_pl.focalnet import FocalNet, create_focalnet
 from focalnet_pl.visualize.draw import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     _font,
     load_picture,
     overlay_heatmap,
