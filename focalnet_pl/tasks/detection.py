@@ -77,6 +77,8 @@ class DetectionTask(L.LightningModule):
             e.g. ``zoo:mask_rcnn_focalnet_t_srf_1x``); replaces ``MODEL.WEIGHTS`` when given.
         monitor, monitor_mode: metric (and whether higher is better) of the default ``ModelCheckpoint``,
             used when the trainer has no ``ModelCheckpoint`` of its own; ``None``: ``val/AP`` (boxes).
+        ema_decay: keep an exponential moving average of the weights with this decay, validate, test,
+            predict, checkpoint and export it (:class:`focalnet_pl.ema.ModelEMA`); ``None``: off.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class DetectionTask(L.LightningModule):
         weights: str | None = None,
         monitor: str | None = None,
         monitor_mode: Literal["max", "min"] = "max",
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -195,7 +198,7 @@ class DetectionTask(L.LightningModule):
     def configure_callbacks(self) -> list:
         hp = self.hparams
         return default_task_callbacks(self.trainer, self.monitor_metric, hp.monitor_mode, hp.checkpoint_every_n_steps,
-                                      hp.log_samples)
+                                      hp.log_samples, hp.ema_decay)
 
     def _require_model(self) -> nn.Module:
         """The detectron2 model; it is built once its number of classes is known: from the config,

@@ -51,7 +51,7 @@ class SegmentationTask(DetectionTask):
 
     Args (besides :class:`DetectionTask`'s ``detectron2``, ``lr``, ``backbone_lr``, ``weight_decay``,
     ``lr_decay_epochs``, ``lr_decay_factor``, ``warmup_iters``, ``warmup_factor``, ``predict_output_dir``,
-    ``monitor`` (``None``: PQ for panoptic configs, mIoU otherwise) and ``monitor_mode``):
+    ``monitor`` (``None``: PQ for panoptic configs, mIoU otherwise), ``monitor_mode`` and ``ema_decay``):
         weight_decay_norm, weight_decay_embed: weight decay of normalisation layers and of
             ``nn.Embedding`` tables (detectron2's ``SOLVER.WEIGHT_DECAY_NORM`` / ``WEIGHT_DECAY_EMBED``,
             0 in every Mask2Former recipe); all other parameters, biases included, get ``weight_decay``.
@@ -84,6 +84,7 @@ class SegmentationTask(DetectionTask):
         log_samples: int = 4,
         monitor: str | None = None,
         monitor_mode: Literal["max", "min"] = "max",
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             detectron2=detectron2, lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay,
@@ -91,6 +92,7 @@ class SegmentationTask(DetectionTask):
             warmup_factor=warmup_factor, predict_output_dir=predict_output_dir,
             on_nonfinite_loss=on_nonfinite_loss, checkpoint_every_n_steps=checkpoint_every_n_steps,
             log_samples=log_samples, monitor=monitor, monitor_mode=monitor_mode,
+            ema_decay=ema_decay,
         )
         self.save_hyperparameters()
         if self.meta_architecture != "Mask2Former":
