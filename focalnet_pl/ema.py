@@ -12,6 +12,7 @@ which a resumed fit continues (the EMA state is restored exactly).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -20,6 +21,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 #: checkpoint entry holding the trained (not averaged) weights; ``state_dict`` holds the EMA weights
 TRAINED_STATE_KEY = "current_model_state"
@@ -183,6 +186,16 @@ class ModelEMA(Callback):
                 current.copy_(stored)
                 stored.copy_(held)
         self._swapped = not self._swapped
+
+
+def continue_from_trained_weights(trainer: L.Trainer | None, checkpoint: dict[str, Any]) -> None:
+    """For a task's ``on_load_checkpoint``: a fit resumed without :class:`ModelEMA` from a checkpoint
+    written with it continues from the trained weights, not from the average."""
+    if (trainer is None or trainer.state.fn != TrainerFn.FITTING or TRAINED_STATE_KEY not in checkpoint
+            or any(isinstance(c, ModelEMA) for c in trainer.callbacks)):
+        return
+    log.info("The checkpoint holds EMA weights but EMA is off: training continues from its trained weights")
+    checkpoint["state_dict"] = checkpoint.pop(TRAINED_STATE_KEY)
 
 
 def _state_dict_aliases(module: nn.Module) -> dict[str, str]:

@@ -119,6 +119,12 @@ def test_resume_restores_the_average_exactly(images: Path, tmp_path: Path) -> No
         torch.testing.assert_close(_model_part(_load(tmp_path / "first" / "epoch1.ckpt")[name]),
                                    _model_part(_load(tmp_path / "whole" / "epoch1.ckpt")[name]), rtol=0, atol=0)
 
+    # resumed with EMA off: training continues from the trained weights, not from the average
+    without_ema, _ = _fit(images, tmp_path / "off", 1, [], ckpt_path=str(tmp_path / "first" / "epoch0.ckpt"),
+                          min_lr=TASK_ARGS["lr"])
+    torch.testing.assert_close(without_ema.model.state_dict(),
+                               _model_part(_load(tmp_path / "first" / "epoch0.ckpt")[TRAINED_STATE_KEY]), rtol=0, atol=0)
+
 
 class _Tied(L.LightningModule):
     def __init__(self) -> None:

@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 
 from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings, require_task_checkpoint
 from focalnet_pl.distributed import maybe_fully_shard
+from focalnet_pl.ema import continue_from_trained_weights
 from focalnet_pl.focalnet import FocalNet, FocalNetBlock, create_focalnet
 from focalnet_pl.labels import class_names_from_file, imagenet_class_names
 from focalnet_pl.optim import param_groups, warmup_cosine
@@ -267,6 +268,7 @@ class ClassificationTask(L.LightningModule):
         """Refuse a checkpoint of another architecture (naming every difference); checkpoints written
         before the training accuracy was persistent load with a fresh accumulator."""
         require_task_checkpoint(checkpoint, "model.init_args.weights")
+        continue_from_trained_weights(self._trainer, checkpoint)
         if self.model is not None:
             check_architecture(checkpoint.get(ARCHITECTURE_KEY), self.architecture())
         state = checkpoint.get("state_dict")

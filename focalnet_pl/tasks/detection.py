@@ -33,6 +33,7 @@ from focalnet_pl.detector_weights import DetectorLoadReport, load_detector_weigh
 from focalnet_pl.evaluation.coco import COCOInstanceEvaluator, format_coco_table, instances_to_coco_results
 from focalnet_pl.evaluation.gather import gather_unique_by_key
 from focalnet_pl.distributed import maybe_fully_shard
+from focalnet_pl.ema import continue_from_trained_weights
 from focalnet_pl.focalnet import FocalNetBlock
 from focalnet_pl.optim import param_groups
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
@@ -253,6 +254,7 @@ class DetectionTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         require_task_checkpoint(checkpoint, "model.init_args.weights (MODEL.WEIGHTS)")
+        continue_from_trained_weights(self._trainer, checkpoint)
         info = checkpoint.get("detection")
         if not isinstance(info, dict):
             raise ValueError("not a DetectionTask checkpoint (no 'detection' entry)")
