@@ -277,11 +277,7 @@ class ClassificationTask(L.LightningModule):
                 state.setdefault(key, value)
 
     def _predict_dir(self) -> Path:
-        """``predict_output_dir``, else ``<trainer.default_root_dir>/predictions``.
-
-        (With ``--ckpt_path``, LightningCLI takes the model arguments from the checkpoint, so a
-        ``predict_output_dir`` given on the command line is replaced by the checkpoint's.)
-        """
+        """``predict_output_dir``, else ``<trainer.default_root_dir>/predictions``."""
         if self.hparams.predict_output_dir:
             return Path(self.hparams.predict_output_dir)
         return Path(self.trainer.default_root_dir) / "predictions"
