@@ -16,6 +16,7 @@ from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from focalnet_pl.dino.denoising import DenoisingMeta
 from focalnet_pl.dino.matcher import HungarianMatcher
+from focalnet_pl.layers.precision import run_in_float32
 from focalnet_pl.matching import indices_to_device
 
 Prediction = dict[str, Tensor]  # "pred_logits" (B, Q, K), "pred_boxes" (B, Q, 4)
@@ -72,6 +73,7 @@ class SetCriterion(nn.Module):
             return (total / dist.get_world_size()).clamp(min=1.0)
         return max(float(count), 1.0)
 
+    @run_in_float32
     def forward(
         self,
         outputs: Prediction,
@@ -82,7 +84,8 @@ class SetCriterion(nn.Module):
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
         """Losses of the final layer (no suffix), ``aux_outputs[i]`` (``_i``), the encoder proposals
-        (``_interm``) and the denoising queries of every layer (``_dn`` last layer, ``_dn_i``).
+        (``_interm``) and the denoising queries of every layer (``_dn`` last layer, ``_dn_i``), in float32
+        (autocast off: matching costs, focal and box losses and their sums).
 
         All prediction sets are matched at once (one device-to-host copy of their cost matrices) and the
         matched indices of all sets, denoising included, go to the device in one asynchronous copy.
