@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from focalnet_pl.layers.precision import autocast_off, run_in_float32
+from focalnet_pl.layers.precision import autocast_off, float32, run_in_float32
 from focalnet_pl.matching import to_device_async
 
 __all__ = [
@@ -243,7 +243,7 @@ def ms_deform_attn_sample(
     """Multi-scale deformable sampling; dispatches to the registered fused kernel when it accepts the input.
 
     Shapes as in :func:`ms_deform_attn_sample_pytorch`. ``use_fused=False`` forces the PyTorch path, which
-    computes in float32 (autocast off) and returns ``value``'s dtype, as the fused kernels do.
+    computes in float32 at least (autocast off) and returns ``value``'s dtype, as the fused kernels do.
     """
     _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
     kernel = _fused_kernel
@@ -251,10 +251,8 @@ def ms_deform_attn_sample(
         if level_start_index is None:
             level_start_index = _level_start_index(spatial_shapes)
         return kernel.fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    with autocast_off(value.device):  # bilinear sampling and the weighted sum in float32, whatever the dtypes
-        output = ms_deform_attn_sample_pytorch(
-            value.float(), spatial_shapes, sampling_locations.float(), attention_weights.float()
-        )
+    with autocast_off(value.device):  # bilinear sampling and the weighted sum in float32 (or float64)
+        output = ms_deform_attn_sample_pytorch(*float32((value, spatial_shapes, sampling_locations, attention_weights)))
     return output.to(value.dtype)
 
 

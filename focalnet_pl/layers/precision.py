@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import torch
@@ -48,9 +49,11 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
-def autocast_off(device: torch.device | str) -> torch.autocast:
-    """Autocast disabled for ``device``'s type (``cuda``, ``cpu``, ...)."""
-    return torch.autocast(torch.device(device).type, enabled=False)
+def autocast_off(device: torch.device | str) -> AbstractContextManager:
+    """Autocast disabled for ``device``'s type (``cuda``, ``cpu``, ...); nothing at all when it is not on
+    (traced / exported float32 graphs stay free of autocast regions)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 
 
 def run_in_float32(fn: F) -> F:
