@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
@@ -35,9 +35,10 @@ class ModelEMA(Callback):
     from the weights the fit starts with; integer buffers are copied. ``decay_k = decay``, or with
     ``warmup_power`` (timm's ``ModelEmaV3`` warm-up) ``min(decay, 1 - (1 + k) ** -warmup_power)``
     so that early, still-random weights fade out quickly (2/3 suits long runs, 3/4 short ones).
+    Sharded training (FSDP / FSDP2) is not supported.
 
     Args:
-        decay: the EMA decay per update (e.g. 0.9999; ``1 - 1/decay`` updates is the averaging horizon).
+        decay: the EMA decay per update (e.g. 0.9999; ``1 / (1 - decay)`` updates is the averaging horizon).
         warmup_power: the decay warm-up exponent; ``None``: no warm-up.
         update_every_n_steps: update after every that many optimizer steps (``decay`` applies per update).
     """
@@ -55,7 +56,8 @@ class ModelEMA(Callback):
         self.updates = 0  # EMA updates done so far
         self._updated_at_step = 0  # trainer.global_step of the latest update
         self._names: list[str] = []  # state_dict keys of the averaged tensors
-        self._averages: list[torch.Tensor] = []  # EMA tensors, in the order of ``_names``
+        self._weights: list[torch.Tensor] = []  # the module's tensors under those keys
+        self._averages: list[torch.Tensor] = []  # their EMA, in the same order
         self._restored: dict[str, torch.Tensor] | None = None  # EMA read from a checkpoint, until on_fit_start
         self._swapped = False  # the module holds the EMA weights (validation) and ``_averages`` the trained ones
 
@@ -70,24 +72,20 @@ class ModelEMA(Callback):
             return self.decay
         return min(self.decay, 1.0 - (1.0 + update) ** -self.warmup_power)
 
-    def averaged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The EMA tensors by ``state_dict`` key (views of the running average)."""
-        return dict(zip(self._names, self._averages))
-
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == TrainerFn.FITTING and isinstance(trainer.strategy, ModelParallelStrategy):
+        if stage == TrainerFn.FITTING and isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
             raise ValueError(
-                "ModelEMA (ema_decay) does not support FSDP2 / ModelParallelStrategy (sharded parameters) yet: "
+                f"ModelEMA (ema_decay) does not support sharded parameters ({type(trainer.strategy).__name__}): "
                 "turn EMA off or train with DDP"
             )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Start the average from the weights fit starts with (or the checkpoint's EMA on resume)."""
+        """Start the average from the weights fit starts with (the checkpoint's average on resume)."""
         tensors = _tracked_tensors(pl_module)
-        self._names = list(tensors)
+        self._names, self._weights = list(tensors), [t.detach() for t in tensors.values()]
         with torch.no_grad():
-            self._averages = [t.detach().clone() for t in tensors.values()]
+            self._averages = [t.clone() for t in self._weights]
             if self._restored is not None:
                 missing = sorted(set(self._names) - set(self._restored))
                 if missing:
@@ -101,24 +99,24 @@ class ModelEMA(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._catch_up(trainer, pl_module)
+        self._catch_up(trainer)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.active and not self._swapped:
-            self._swap(pl_module)
+            self._swap()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after on_validation_epoch_end, so that metrics and drawn samples all come from the EMA weights
         if self._swapped:
-            self._swap(pl_module)
+            self._swap()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The model keeps the EMA weights for whatever follows fit."""
         if not self.active:
             return
         if not self._swapped:
-            self._swap(pl_module)
-        self._names, self._averages, self._swapped = [], [], False
+            self._swap()
+        self._names, self._weights, self._averages, self._swapped = [], [], [], False
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -133,14 +131,15 @@ class ModelEMA(Callback):
         if not self.active:
             return
         if not self._swapped:
-            self._catch_up(trainer, pl_module)  # a checkpoint written at a step holds that step's average
-        stored = self.averaged_state_dict()
-        # every state_dict key of a tracked tensor (tied weights have several) -> the stored tensor
-        stored = {key: stored[first] for key, first in _state_dict_aliases(pl_module).items() if first in stored}
+            self._catch_up(trainer)  # a checkpoint written at a step holds that step's average
+        stored = dict(zip(self._names, self._averages))
         module_state = checkpoint["state_dict"]
-        swapped = {**module_state, **{k: v for k, v in stored.items() if k in module_state}}
+        # every state_dict key of an averaged tensor (tied weights have several) -> the stored tensor
+        exchanged = dict(module_state)
+        exchanged.update({key: stored[first] for key, first in _state_dict_aliases(pl_module).items()
+                          if first in stored and key in module_state})
         # the module holds the trained weights and ``_averages`` the EMA ones, or the reverse during validation
-        trained, averaged = (swapped, module_state) if self._swapped else (module_state, swapped)
+        trained, averaged = (exchanged, module_state) if self._swapped else (module_state, exchanged)
         checkpoint[TRAINED_STATE_KEY] = dict(trained)
         checkpoint["state_dict"] = dict(averaged)
 
@@ -152,14 +151,11 @@ class ModelEMA(Callback):
         """
         if trainer.state.fn != TrainerFn.FITTING or TRAINED_STATE_KEY not in checkpoint:
             return
-        averaged = {name: t.detach().clone() for name, t in _tracked_tensors(pl_module).items()}
+        self._restored = {name: t.detach().clone() for name, t in _tracked_tensors(pl_module).items()}
         pl_module.load_state_dict(checkpoint[TRAINED_STATE_KEY], strict=pl_module.strict_loading)
-        self._restored = averaged
-        if self.active:  # the average exists already: take the checkpoint's
-            self.on_fit_start(trainer, pl_module)
 
     # ------------------------------------------------------------------ internals
-    def _catch_up(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _catch_up(self, trainer: L.Trainer) -> None:
         """Update once per optimizer step not yet averaged (every ``update_every_n_steps``)."""
         step = trainer.global_step
         if not self.active or step <= self._updated_at_step or step % self.update_every_n_steps:
@@ -167,23 +163,20 @@ class ModelEMA(Callback):
         self.updates += 1
         self._updated_at_step = step
         weight = 1.0 - self.decay_at(self.updates)
-        tensors = _tracked_tensors(pl_module)
         with torch.no_grad():
-            floats = [(a, tensors[n].detach()) for n, a in zip(self._names, self._averages) if a.is_floating_point()]
+            floats = [(a, w) for a, w in zip(self._averages, self._weights) if a.is_floating_point()]
             if floats:
-                torch._foreach_lerp_([a for a, _ in floats], [t for _, t in floats], weight)
-            for name, average in zip(self._names, self._averages):
+                torch._foreach_lerp_([a for a, _ in floats], [w for _, w in floats], weight)
+            for average, weights in zip(self._averages, self._weights):
                 if not average.is_floating_point():
-                    average.copy_(tensors[name])
+                    average.copy_(weights)
 
-    def _swap(self, pl_module: L.LightningModule) -> None:
+    def _swap(self) -> None:
         """Exchange the module's weights and the stored ones (EMA <-> trained)."""
-        tensors = _tracked_tensors(pl_module)
         with torch.no_grad():
-            for name, stored in zip(self._names, self._averages):
-                current = tensors[name].detach()
-                held = current.clone()
-                current.copy_(stored)
+            for weights, stored in zip(self._weights, self._averages):
+                held = weights.clone()
+                weights.copy_(stored)
                 stored.copy_(held)
         self._swapped = not self._swapped
 
