@@ -14,6 +14,7 @@ from focalnet_pl.ema import TRAINED_STATE_KEY, ModelEMA
 from focalnet_pl.export import export_weights, load_task
 from focalnet_pl.tasks import ClassificationTask, DetectionTask, SegmentationTask
 from test_classification import TINY, _write_imagefolder  # noqa: E402
+from test_dino import small_coco  # noqa: E402,F401  (fixture)
 
 TASK_ARGS = {"model_overrides": TINY, "lr": 3e-3, "lr_reference_batch": None, "warmup_epochs": 0,
              "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
@@ -169,3 +170,27 @@ def test_every_task_switches_ema_on_with_ema_decay() -> None:
         assert len(added) == 1 and added[0].decay == 0.999
     with pytest.raises(ValueError, match="decay"):
         ModelEMA(decay=1.0)
+
+
+def test_dino_fit_test_and_resume_with_ema_through_the_cli(small_coco: Path, small_cli_config, tmp_path: Path,
+                                                          one_thread) -> None:
+    """A detector (bf16-mixed DINO config, tiny widths): checkpoints hold the EMA and the trained weights,
+    ``test`` and a resumed ``fit`` read them."""
+    from focalnet_pl.cli import main
+
+    config = small_cli_config("dino_focalnet_t", small_coco, {
+        "FOCALNET": {"EMBED_DIM": 16, "DEPTHS": [1, 1, 1, 1], "DROP_PATH_RATE": 0.0, "WEIGHTS": ""},
+        "DINO": {"HIDDEN_DIM": 32, "NHEADS": 4, "ENC_LAYERS": 1, "DEC_LAYERS": 2, "DIM_FEEDFORWARD": 64,
+                 "NUM_QUERIES": 30, "DN_NUMBER": 10, "NUM_SELECT": 20},
+    })
+    config = config.rename(tmp_path / "dino.yaml")  # the run saves its own config.yaml in tmp_path
+    main(["fit", "--config", str(config), "--model.init_args.ema_decay", "0.5"])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    state = _load(last)
+    assert state["callbacks"]["ModelEMA"]["updates"] == state["global_step"] == 2
+    assert any(not torch.equal(value, state[TRAINED_STATE_KEY][key]) for key, value in state["state_dict"].items())
+    main(["test", "--config", str(config), "--ckpt_path", str(last)])
+    main(["fit", "--config", str(config), "--model.init_args.ema_decay", "0.5", "--ckpt_path", str(last),
+          "--trainer.max_epochs", "2"])
+    resumed = _load(last)
+    assert resumed["global_step"] > 2 and resumed["callbacks"]["ModelEMA"]["updates"] == resumed["global_step"]
