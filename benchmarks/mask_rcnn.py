@@ -79,7 +79,7 @@ def main() -> None:
     init_args["detectron2"]["MODEL"].setdefault("ROI_HEADS", {})["NUM_CLASSES"] = 80
     task = DetectionTask(**init_args)
     model = task.model.to(device).train()
-    optimizer = torch.optim.AdamW(task._parameter_groups(), lr=init_args.get("lr", 1e-4))
+    optimizer = torch.optim.AdamW(task.parameter_groups(), lr=init_args.get("lr", 1e-4))
     generator = torch.Generator().manual_seed(0)
     batch = synthetic_batch(args.batch_size, args.height, args.width, args.instances, generator)
 

@@ -625,6 +625,24 @@ class COCODataModule(ListOfDictsDataModule):
     def num_classes(self) -> int:
         return len(self.metadata.thing_classes)
 
+    @property
+    def class_metadata(self) -> Metadata | None:
+        """:attr:`metadata`, or ``None`` when no annotated split is configured (predict on a folder)."""
+        annotated = any(self.split_paths(split) is not None for split in ("train", "val", "test"))
+        return self.metadata if annotated else None
+
+    @property
+    def image_format(self) -> str:
+        return self.hparams.image_format
+
+    @property
+    def eval_size(self) -> tuple[int, int]:
+        return self.hparams.test_min_size, self.hparams.test_max_size
+
+    def instance_ground_truth(self, split: Split) -> str:
+        """The instances json of ``split``."""
+        return self.dataset_metadata(split).json_file
+
     # ---- Lightning hooks --------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self._demo:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from detectron2.data import Metadata
 from pycocotools import mask as mask_utils
 
 from datamodules.demo_shapes import ensure_demo_shapes
@@ -226,8 +227,14 @@ class PanopticDataModule(SegmentationDataModule):
     def records(self, split: Literal["train", "val", "test"]) -> list[dict]:
         return self._load(split)
 
-    def instance_ground_truth(self) -> str | dict:
-        """COCO instances ground truth of the val/test split: ``val_instances_json`` (or the dataset's
+    @property
+    def class_metadata(self) -> Metadata | None:
+        """:attr:`metadata`, or ``None`` when no split is configured (predict on a folder)."""
+        configured = any(all(p is not None for p in paths) for paths in self._paths.values())
+        return self.metadata if configured else None
+
+    def instance_ground_truth(self, split: str = "val") -> str | dict:
+        """COCO instances ground truth of the val/test split (``split``: either): ``val_instances_json`` (or the dataset's
         standard instances file when it exists), else the dict :func:`instances_from_panoptic` makes of
         the panoptic annotation (built once)."""
         if self.val_instances_json is not None:

@@ -161,6 +161,7 @@ class ImageNetDataModule(ResumableDataModule):
             raise EmptyDatasetError(missing_data_message(f"dataset root {self.root}", IMAGE_FOLDER_LAYOUT, ROOT_OPTION))
         self.image_size = image_size
         self.batch_size = batch_size
+        self.mean, self.std = tuple(mean), tuple(std)
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0

@@ -311,6 +311,8 @@ class SegmentationDataModule(ListOfDictsDataModule, ABC):
 
     #: "semantic" or "panoptic": the kind of ground truth the evaluation receives.
     task: str = "semantic"
+    #: channel order of the images given to the model
+    image_format: str = "RGB"
     seg_pad_value: int = IGNORE_LABEL
 
     def __init__(
@@ -364,6 +366,21 @@ class SegmentationDataModule(ListOfDictsDataModule, ABC):
         metadata = self.classes.metadata(type(self).__name__)
         metadata.set(evaluator_type=self.task, thing_class_ids=self.classes.thing_class_ids)
         return metadata
+
+    @property
+    def class_metadata(self) -> Metadata:
+        return self.metadata
+
+    def dataset_metadata(self, split: str) -> Metadata:
+        """:attr:`metadata` (every split has the same classes)."""
+        return self.metadata
+
+    def instance_ground_truth(self, split: str) -> str | dict:
+        raise ValueError(f"{type(self).__name__} has no instance ground truth: instance AP needs panoptic data")
+
+    @property
+    def eval_size(self) -> tuple[int, int]:
+        return self.test_size, self.test_max_size
 
     # ---- Lightning hooks ----------------------------------------------------------------------
     def mapper(self, is_train: bool) -> SegmentationMapper:

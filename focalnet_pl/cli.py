@@ -61,11 +61,14 @@ def resolve_checkpoint_alias(root: str | Path, alias: str) -> Path:
 class FocalNetCLI(LightningCLI):
     """LightningCLI with subclass mode for model and data, config files saved next to the logs, atomic
     checkpoint writes (:data:`DEFAULT_PLUGINS`), seed 0 unless the config sets another,
-    ``--ckpt_path best|last`` resolved across processes (:func:`resolve_checkpoint_alias`), and model
-    arguments given in ``--config`` files or on the command line winning over the hyper-parameters
-    Lightning reads from ``--ckpt_path`` (those fill in only what the user left out, e.g. ``num_classes``)."""
+    ``--ckpt_path best|last`` resolved across processes (:func:`resolve_checkpoint_alias`), model arguments
+    given in ``--config`` files or on the command line winning over the hyper-parameters Lightning reads
+    from ``--ckpt_path`` (those fill in only what the user left out, e.g. ``num_classes``), and ``predict``
+    keeping no outputs in memory (the tasks' prediction writers write them; ``--return_predictions true``
+    keeps them)."""
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        self.with_subcommands = run
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs["trainer_defaults"] = {"plugins": DEFAULT_PLUGINS} | kwargs.get("trainer_defaults", {})
@@ -79,6 +82,8 @@ class FocalNetCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, turn ``ckpt_path: best|last`` into the file (before Lightning reads its hyper-parameters)
         and, with a checkpoint, keep the model arguments the user gave (see :meth:`before_instantiate_classes`)."""
+        if self.with_subcommands:
+            parser.set_defaults({"predict.return_predictions": False})
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         section = self.config[subcommand] if subcommand else None

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
 from torch import nn
 
@@ -100,9 +101,38 @@ def module_type_param_groups(
     return list(groups.values())
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float, min_lr: float) -> float:
-    """Learning rate at ``step``: linear from ``warmup_lr`` to ``base_lr``, then cosine down to ``min_lr``."""
+def lr_factor(
+    step: int,
+    epoch: int = 0,
+    *,
+    decay: Literal["step", "poly", "cosine"] = "step",
+    warmup_steps: int = 0,
+    warmup_factor: float = 1.0,
+    decay_epochs: Sequence[int] = (),
+    decay_factor: float = 0.1,
+    total_steps: int = 1,
+    power: float = 0.9,
+    min_factor: float = 0.0,
+) -> float:
+    """Multiplier of the base learning rates at optimizer ``step`` (0-based) during ``epoch``: the schedule
+    of every task (``torch.optim.lr_scheduler.LambdaLR`` over it).
+
+    A linear warmup from ``warmup_factor`` to 1 over ``warmup_steps`` multiplies one of the decays:
+
+    * ``step``: ``decay_factor`` once more from each of ``decay_epochs`` on (mmdetection / detectron2);
+    * ``poly``: ``(1 - step / total_steps) ** power`` (Mask2Former's ADE20K recipes);
+    * ``cosine``: from 1 after the warmup down to ``min_factor`` at ``total_steps`` (the FocalNet paper's).
+    """
+    if decay == "step":
+        factor = decay_factor ** sum(epoch >= e for e in decay_epochs)
+    elif decay == "poly":
+        factor = max(0.0, 1.0 - step / max(1, total_steps)) ** power
+    elif decay == "cosine":
+        progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+        factor = min_factor + 0.5 * (1.0 - min_factor) * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown learning-rate decay {decay!r}; use 'step', 'poly' or 'cosine'")
     if step < warmup_steps:
-        return warmup_lr + (base_lr - warmup_lr) * step / max(1, warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+        alpha = step / warmup_steps
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor

@@ -12,7 +12,7 @@ from PIL import Image
 from datamodules import ImageNetDataModule
 from focalnet_pl.cli import FocalNetCLI
 from focalnet_pl.ema import ModelEMA
-from focalnet_pl.optim import param_groups, warmup_cosine
+from focalnet_pl.optim import lr_factor, param_groups
 from focalnet_pl.tasks import ClassificationTask
 
 TINY = {"embed_dim": 16, "depths": [1, 1, 1, 1], "drop_path_rate": 0.0}
@@ -48,7 +48,8 @@ def test_weight_decay_groups_exclude_norms_biases_and_layerscale():
 
 
 def test_warmup_cosine_schedule_shape():
-    lrs = [warmup_cosine(s, total_steps=100, warmup_steps=10, base_lr=1.0, warmup_lr=0.0, min_lr=0.01) for s in range(101)]
+    lrs = [lr_factor(s, decay="cosine", total_steps=100, warmup_steps=10, warmup_factor=0.0, min_factor=0.01)
+           for s in range(101)]
     assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.505, abs=1e-3) and lrs[100] == pytest.approx(0.01)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from test_classification import TINY, _write_imagefolder
@@ -79,3 +80,16 @@ def test_arguments_the_user_gives_win_over_the_checkpoint(tmp_path: Path) -> Non
     hparams = predicted.model.hparams
     assert hparams.warmup_epochs == 3.0 and hparams.predict_draw is False  # --config file, command line
     assert hparams.label_smoothing == 0.2 and hparams.class_names == ["bright", "dark"]  # from the checkpoint
+
+
+def test_predict_keeps_no_outputs_in_memory_by_default(tmp_path: Path, capsys) -> None:
+    """The writers write the predictions; ``return_predictions`` would hold every output of the run."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"class_path": "focalnet_pl.tasks.ClassificationTask", "init_args": {"model_overrides": TINY}},
+        "data": {"class_path": "datamodules.ImageNetDataModule", "init_args": {"root": str(tmp_path)}},
+    }))
+    for extra, expected in (([], False), (["--return_predictions", "true"], True)):
+        with pytest.raises(SystemExit):
+            FocalNetCLI(args=["predict", "--config", str(config), *extra, "--print_config"])
+        assert yaml.safe_load(capsys.readouterr().out)["return_predictions"] is expected

@@ -63,11 +63,12 @@ def _direct_pycocotools(gt_json: Path, results_json: Path, iou_type: str) -> lis
 
 def test_box_and_mask_ap_equal_pycocotools_on_the_written_files(tmp_path):
     gt_json = write_tiny_coco(tmp_path, "val2017", num_images=9, size=96)
-    evaluator = COCOInstanceEvaluator(gt_json, TO_DATASET_ID, ("bbox", "segm"))
+    evaluator = COCOInstanceEvaluator(gt_json, TO_DATASET_ID, ("bbox", "segm"), output_dir=tmp_path / "logs",
+                                      file_prefix="val_")
     gt = evaluator.coco_gt
     for image_id in gt.getImgIds():
         evaluator.process([{"image_id": image_id}], [{"instances": fake_predictions(gt, image_id)}])
-    metrics = evaluator.evaluate(tmp_path / "logs", file_prefix="val_")
+    metrics = evaluator.evaluate()
 
     for iou_type, prefix in (("bbox", ""), ("segm", "segm_")):
         results_json = tmp_path / "logs" / f"val_coco_{iou_type}_results.json"

@@ -11,6 +11,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from detectron2.data import Metadata
+from detectron2.structures import Boxes, Instances
 from PIL import Image
 from pycocotools.coco import COCO
 from test_coco_data import TINY_CATEGORIES, write_tiny_coco
@@ -93,13 +96,15 @@ def test_submission_checks_ids_and_categories(tmp_path: Path) -> None:
     writer = COCOSubmissionWriter(name="x")
     trainer = SimpleNamespace(is_global_zero=True, default_root_dir=str(tmp_path),
                               datamodule=SimpleNamespace(predict_split_name="test-dev2017", predict_categories=categories))
-    writer.write_on_batch_end(trainer, None, [{"image_id": 139, "category_id": 1, "bbox": [0, 0, 2, 2], "score": 0.5}],
-                              None, [{"image_id": 139}], 0)
+    task = SimpleNamespace(hparams={}, class_metadata=Metadata(thing_dataset_id_to_contiguous_id={1: 0}))
+    instances = Instances((8, 8), pred_boxes=Boxes(torch.tensor([[0.0, 0.0, 2.0, 2.0]])), scores=torch.tensor([0.5]),
+                          pred_classes=torch.tensor([0]))
+    writer.write_on_batch_end(trainer, task, [{"image": {"id": 139}, "instances": instances}], None, None, 0)
     with pytest.raises(ValueError, match=r"predicted category ids \[1\] are not among the categories"):
-        writer.on_predict_epoch_end(trainer, SimpleNamespace(hparams={}))
+        writer.on_predict_epoch_end(trainer, task)
     trainer.datamodule.predict_split_name = None  # a folder without image-info json: running numbers, not COCO ids
     with pytest.warns(UserWarning, match="no submission written: the predict images carry no COCO image ids"):
-        writer.on_predict_epoch_end(trainer, SimpleNamespace(hparams={}))
+        writer.on_predict_epoch_end(trainer, task)
     assert not list(tmp_path.glob("detections_*"))
     assert COCODataModule(predict_images=str(tmp_path / "test2017")).predict_split_name is None
     with pytest.raises(ValueError, match="predict_image_info needs predict_images"):

@@ -261,7 +261,7 @@ def test_official_optimizer_decays_every_parameter():
 
     task = DetectionTask(detectron2={"MODEL": tiny_cfg().MODEL}, lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4,
                          weight_decay_all=True)
-    groups = task._parameter_groups()
+    groups = task.parameter_groups()
     assert {g["weight_decay"] for g in groups} == {1e-4}
     names = {n: g for g in groups for n in g["param_names"]}
     assert len(names) == sum(1 for p in task.parameters() if p.requires_grad)

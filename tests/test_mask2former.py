@@ -227,7 +227,7 @@ def test_tiny_model_overfits_two_scenes() -> None:
         evaluator.update(record["image_id"], segment_map, segments, record["pan_seg_gt"], record["segments_info"])
         assert output["sem_seg"].shape == (3, 64, 64)
         assert output["instances"].pred_masks.shape[1:] == (64, 64)
-    result = evaluator.compute()
+    result = evaluator.evaluate()
     assert result["PQ"] > 60, result  # every segment found with IoU > 0.5
 
 
@@ -347,3 +347,14 @@ def test_poly_and_step_schedules() -> None:
     assert [step.lr_factor(0, epoch) for epoch in (43, 44, 48)] == pytest.approx([1.0, 0.1, 0.01])
     with pytest.raises(ValueError, match="trains Mask2Former"):
         SegmentationTask(detectron2={"MODEL": {"META_ARCHITECTURE": "GeneralizedRCNN"}})
+
+
+def test_segmentation_task_takes_every_detection_task_argument() -> None:
+    """LightningCLI records a task's own signature as its hyper-parameters: SegmentationTask must name all
+    of DetectionTask's for its checkpoints to restore the same task."""
+    import inspect
+
+    from focalnet_pl.tasks.detection import DetectionTask
+    from focalnet_pl.tasks.segmentation import SegmentationTask
+
+    assert set(inspect.signature(SegmentationTask).parameters) == set(inspect.signature(DetectionTask).parameters)

@@ -235,7 +235,7 @@ def test_optimizer_groups_and_learning_rate_schedule(tmp_path):
     task = DetectionTask(detectron2=deep_update(tiny_detectron2(), {"MODEL": {"ROI_HEADS": {"NUM_CLASSES": 2}}}),
                          lr=1e-3, backbone_lr=1e-4, weight_decay=0.05, lr_decay_epochs=[2, 4], lr_decay_factor=0.1,
                          warmup_iters=10, warmup_factor=0.01)
-    groups = task._parameter_groups()
+    groups = task.parameter_groups()
     names = {n: g for g in groups for n in g["param_names"]}
     backbone_weight = "backbone.bottom_up.body.layers.0.blocks.0.modulation.f.weight"
     assert names[backbone_weight]["lr"] == pytest.approx(1e-4) and names[backbone_weight]["weight_decay"] == 0.05

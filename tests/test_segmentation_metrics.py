@@ -34,7 +34,7 @@ def test_pq_two_halves_by_hand() -> None:
     # all: PQ = (0.8 + 0.8333) / 2 = 0.81667
     evaluator = PanopticQualityEvaluator(category_ids=[THING, STUFF], thing_ids=[THING])
     evaluator.update("a", *_two_halves_case())
-    result = evaluator.compute()
+    result = evaluator.evaluate()
     assert result["PQ_th"] == pytest.approx(80.0)
     assert result["RQ_th"] == pytest.approx(100.0)
     assert result["PQ_st"] == pytest.approx(100 * 5 / 6)
@@ -68,7 +68,7 @@ def test_pq_void_crowd_false_positive_false_negative_by_hand() -> None:
     assert (stats[STUFF].tp, stats[STUFF].fp, stats[STUFF].fn) == (0, 1, 1)
     evaluator = PanopticQualityEvaluator(category_ids=[THING, STUFF], thing_ids=[THING])
     evaluator.update(0, pred, pred_segments, gt, gt_segments)
-    result = evaluator.compute()
+    result = evaluator.evaluate()
     # thing: PQ = 1.0 / (1 + 0.5 * 1 + 0.5 * 0) = 2/3, SQ = 1, RQ = 2/3; stuff: 0 / (0 + 0.5 + 0.5) = 0
     assert result["PQ_th"] == pytest.approx(200 / 3)
     assert result["SQ_th"] == pytest.approx(100.0)
@@ -121,7 +121,7 @@ def test_pq_matches_torchmetrics_on_random_maps() -> None:
         )
         ours.update(image_index, *_to_ids(pred_category, pred_instance), *_to_ids(gt_category, gt_instance))
     pq, sq, rq = (100 * float(v) for v in reference.compute())
-    result = ours.compute()
+    result = ours.evaluate()
     assert 0 < result["PQ"] < 100
     assert result["PQ"] == pytest.approx(pq, abs=1e-4)
     assert result["SQ"] == pytest.approx(sq, abs=1e-4)
@@ -133,7 +133,7 @@ def test_miou_by_hand() -> None:
     label = torch.tensor([[0, 0, 1, 255, 1]])
     prediction = torch.tensor([[0, 1, 1, 0, 3]])
     evaluator.update("x", prediction, label)
-    result = evaluator.compute()
+    result = evaluator.evaluate()
     # ignored pixel dropped; class 0: tp 1, label 2, pred 1 -> 1 / (2 + 1 - 1) = 1/2
     # class 1: tp 1, label 2, pred 2 -> 1 / 3; class 2 absent everywhere -> excluded; class 3 is only
     # predicted, never labelled -> excluded as by detectron2's SemSegEvaluator (its false positive still
@@ -156,7 +156,7 @@ def test_miou_matches_torchmetrics_and_dedups_image_ids() -> None:
         reference.update(prediction[None], label[None])
         evaluator.update(image_index, prediction, label)
     evaluator.update(4, prediction, label)  # the same image id again (DistributedSampler padding)
-    assert evaluator.compute()["mIoU"] == pytest.approx(100 * float(reference.compute()), abs=1e-4)
+    assert evaluator.evaluate()["mIoU"] == pytest.approx(100 * float(reference.compute()), abs=1e-4)
 
 
 def test_miou_rejects_out_of_range_labels() -> None:
@@ -177,7 +177,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, results: mp.Queue) -> Non
         perfect = image_id == "c"
         panoptic.update(image_id, gt if perfect else pred, gt_segments if perfect else pred_segments, gt, gt_segments)
         semantic.update(image_id, torch.tensor([[0, 1]]), torch.tensor([[0, 1 if perfect else 0]]))
-    results.put((rank, panoptic.compute(), semantic.compute()))
+    results.put((rank, panoptic.evaluate(), semantic.evaluate()))
     dist.destroy_process_group()
 
 
@@ -215,7 +215,7 @@ def _pq_of_set(reference: dict, style: str, keep_areas: bool = True) -> dict[str
     for image_id, image in enumerate(reference["panoptic_sets"][style]["images"]):
         gt_segments = [s if keep_areas else {k: v for k, v in s.items() if k != "area"} for s in image["gt_segments"]]
         evaluator.update(image_id, image["pred"], image["pred_segments"], image["gt"], gt_segments)
-    return evaluator.compute()
+    return evaluator.evaluate()
 
 
 @pytest.mark.parametrize("style", ["coco", "ade"])
@@ -237,7 +237,7 @@ def test_miou_equals_detectron2(reference: dict) -> None:
     evaluator = SemanticSegmentationEvaluator(num_classes=len(semantic["classes"]), class_names=semantic["classes"])
     for image_id, (label, prediction) in enumerate(zip(semantic["labels"], semantic["predictions"])):
         evaluator.update(image_id, prediction, label)
-    result = evaluator.compute()
+    result = evaluator.evaluate()
     for name, expected in semantic["detectron2"].items():
         assert result[name] == pytest.approx(expected, abs=1e-9), name
     assert "IoU-lamp" not in result and result["IoU-person"] == 0.0

@@ -24,8 +24,8 @@ WITH_CHECKPOINT = [p for p in sorted(CONFIGS.rglob("*.yaml")) if "ModelCheckpoin
 
 def test_the_configs_that_choose_a_checkpoint_metric() -> None:
     monitors = [yaml.safe_load(p.read_text())["trainer"]["callbacks"][0]["init_args"]["monitor"] for p in WITH_CHECKPOINT]
-    assert len(WITH_CHECKPOINT) == 21
-    assert monitors.count("val/segm_AP") == 12 and monitors.count("val/AP") == 3
+    assert len(WITH_CHECKPOINT) == 22
+    assert monitors.count("val/segm_AP") == 12 and monitors.count("val/AP") == 4
     assert sorted(set(monitors) - {"val/segm_AP", "val/AP"}) == ["val/PQ", "val/mIoU"]
 
 

@@ -150,6 +150,8 @@ class COCOInstanceEvaluator:
         gt_json: ground-truth annotations in COCO instances format (a file, or its content as a dict).
         contiguous_to_dataset_id: model class index -> json ``category_id`` (``None``: identity).
         iou_types: "bbox" and/or "segm".
+        output_dir: where rank 0 writes ``{file_prefix}coco_{iou_type}_results.json`` (the exact
+            files scored by pycocotools); ``None``: nowhere.
     """
 
     def __init__(
@@ -157,6 +159,8 @@ class COCOInstanceEvaluator:
         gt_json: str | Path | Mapping,
         contiguous_to_dataset_id: Mapping[int, int] | None = None,
         iou_types: Sequence[str] = ("bbox",),
+        output_dir: str | Path | None = None,
+        file_prefix: str = "",
     ) -> None:
         unknown = [t for t in iou_types if t not in METRIC_PREFIX]
         if unknown:
@@ -164,6 +168,8 @@ class COCOInstanceEvaluator:
         self.gt_json = gt_json if isinstance(gt_json, Mapping) else Path(gt_json)
         self.contiguous_to_dataset_id = dict(contiguous_to_dataset_id) if contiguous_to_dataset_id is not None else None
         self.iou_types = tuple(iou_types)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.file_prefix = file_prefix
         self._coco_gt: COCO | None = None
         self._predictions: dict[int | str, list[dict]] = {}
 
@@ -185,12 +191,8 @@ class COCOInstanceEvaluator:
                 output["instances"], record["image_id"], self.contiguous_to_dataset_id, "segm" in self.iou_types
             )
 
-    def evaluate(self, output_dir: str | Path | None = None, file_prefix: str = "") -> dict[str, float]:
-        """Gather predictions from all ranks, score them and return ``{AP.., segm_AP..}`` on every rank.
-
-        With ``output_dir``, rank 0 writes ``{file_prefix}coco_{iou_type}_results.json`` there (the
-        exact files scored by pycocotools).
-        """
+    def evaluate(self) -> dict[str, float]:
+        """Gather predictions from all ranks, score them and return ``{AP.., segm_AP..}`` on every rank."""
         predictions = gather_unique_by_key(self._predictions)
         is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         metrics: dict[str, float] = {}
@@ -202,8 +204,8 @@ class COCOInstanceEvaluator:
                 raise KeyError(f"predicted image ids {unknown[:5]} are not in {source}")
             for iou_type in self.iou_types:
                 results = [_for_iou_type(r, iou_type) for image_id in image_ids for r in predictions[image_id]]
-                if output_dir is not None:
-                    path = Path(output_dir) / f"{file_prefix}coco_{iou_type}_results.json"
+                if self.output_dir is not None:
+                    path = self.output_dir / f"{self.file_prefix}coco_{iou_type}_results.json"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(results))
                     log.info("wrote %d %s detections to %s", len(results), iou_type, path)

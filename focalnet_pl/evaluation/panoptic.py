@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 from torch import Tensor
@@ -185,6 +185,13 @@ class PanopticQualityEvaluator:
         """Forget every accumulated image."""
         self._per_image: dict[Hashable, dict[int, CategoryStatistics]] = {}
 
+    def process(self, inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
+        """Add the model's ``panoptic_seg`` (segment map, segments) of each image against its
+        ``pan_seg_gt`` and ``segments_info``."""
+        for record, output in zip(inputs, outputs):
+            segment_map, segments = output["panoptic_seg"]
+            self.update(record["image_id"], segment_map, segments, record["pan_seg_gt"], record["segments_info"])
+
     def update(
         self,
         image_id: Hashable,
@@ -198,7 +205,7 @@ class PanopticQualityEvaluator:
             pred_ids, pred_segments, gt_ids, gt_segments, image_name=str(image_id)
         )
 
-    def compute(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """PQ, SQ, RQ overall (``PQ``), things (``PQ_th``) and stuff (``PQ_st``), in percent."""
         totals: dict[int, CategoryStatistics] = {}
         for image_stats in gather_unique_by_key(self._per_image).values():

@@ -10,7 +10,8 @@ lower the IoU of the classes whose pixels it takes).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +67,13 @@ class SemanticSegmentationEvaluator:
         """Forget every accumulated image."""
         self._per_image: dict[Hashable, tuple[np.ndarray, np.ndarray]] = {}
 
+    def process(self, inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
+        """Add the model's ``sem_seg`` scores (K, H, W) of each image against its ``sem_seg_gt``."""
+        for record, output in zip(inputs, outputs):
+            if "sem_seg_gt" not in record:
+                raise KeyError(f"evaluation record {record.get('file_name')} has no 'sem_seg_gt'")
+            self.update(record["image_id"], output["sem_seg"].argmax(0), record["sem_seg_gt"])
+
     def update(self, image_id: Hashable, prediction: Tensor | np.ndarray, label: Tensor | np.ndarray) -> None:
         """Add one image: ``prediction`` and ``label`` are (H, W) integer class maps of the same size."""
         prediction = torch.as_tensor(prediction).long().flatten().cpu()
@@ -96,7 +104,7 @@ class SemanticSegmentationEvaluator:
             np.add.at(confusion, indices, counts)
         return confusion.reshape(self.num_classes, self.num_classes)
 
-    def compute(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """mIoU, fwIoU, pACC, mACC in percent (plus per-class IoU when class names were given)."""
         return confusion_matrix_metrics(self.confusion_matrix(), self.class_names)
 

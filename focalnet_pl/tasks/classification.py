@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,12 +20,11 @@ from focalnet_pl.distributed import maybe_fully_shard
 from focalnet_pl.ema import continue_from_trained_weights
 from focalnet_pl.focalnet import FocalNet, FocalNetBlock, create_focalnet
 from focalnet_pl.labels import class_names_from_file, imagenet_class_names
-from focalnet_pl.optim import param_groups, warmup_cosine
+from focalnet_pl.optim import lr_factor, param_groups
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
 from focalnet_pl.tasks.callbacks import default_task_callbacks
+from focalnet_pl.tasks.data import ClassificationData, data_interface
 from focalnet_pl.visualize.draw import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     draw_top5,
     load_picture,
     save_picture,
@@ -120,15 +118,14 @@ class ClassificationTask(L.LightningModule):
 
     def architecture(self) -> dict[str, Any]:
         """What this task's checkpoints record of the model (see :mod:`focalnet_pl.architecture`)."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        data = getattr(datamodule, "hparams", None) or {}
+        data = self._data()
         return {
             "task": "classification",
             "focalnet": focalnet_settings(self.model.cfg, self.hparams.variant) if self.model is not None else None,
             "num_classes": self.hparams.num_classes,
             "class_names": self.class_name_list(),
             "input_format": "RGB",
-            "eval_size": data.get("image_size"),
+            "eval_size": data.image_size if data is not None else None,
         }
 
     # ----------------------------------------------------------------- model
@@ -149,14 +146,13 @@ class ClassificationTask(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            num_classes = getattr(datamodule, "num_classes", None)
-            if num_classes is None:
+            data = self._data()
+            if data is None:
                 raise ValueError("ClassificationTask: set model.num_classes or use a datamodule that provides num_classes")
-            self.hparams.num_classes = int(num_classes)
-            if self.hparams.class_names is None and getattr(datamodule, "class_names", None):
-                self.hparams.class_names = list(datamodule.class_names)
-            self._build(int(num_classes))
+            self.hparams.num_classes = int(data.num_classes)
+            if self.hparams.class_names is None and data.class_names:
+                self.hparams.class_names = list(data.class_names)
+            self._build(int(data.num_classes))
         maybe_fully_shard(self, block_types=[FocalNetBlock])  # FSDP2 strategies only; never twice
 
     def _make_mix(self, num_classes: int) -> v2.Transform | None:
@@ -249,7 +245,11 @@ class ClassificationTask(L.LightningModule):
             probs = self.model(images).softmax(-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
         names = self.class_name_list()
-        mean, std = _normalisation(self.trainer)
+        data = self._data()
+        if data is None:
+            raise ValueError("ClassificationTask draws validation samples with the datamodule's mean/std: fit with "
+                             "a datamodule, or set log_samples: 0")
+        mean, std = data.mean, data.std
         pictures = []
         for i, (image, label) in enumerate(zip(images, labels.tolist())):
             top5 = [{"label": names[c] if names else str(c), "score": s}
@@ -296,34 +296,32 @@ class ClassificationTask(L.LightningModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         groups = param_groups(self.model.named_parameters(), hp.weight_decay)
-        total_batch = self._total_batch_size()
-        base_lr = hp.lr * total_batch / hp.lr_reference_batch if hp.lr_reference_batch else hp.lr
+        base_lr = hp.lr * self._total_batch_size() / hp.lr_reference_batch if hp.lr_reference_batch else hp.lr
         scale = base_lr / hp.lr
         warmup_lr, min_lr = hp.warmup_lr * scale, hp.min_lr * scale
         optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(hp.betas), eps=hp.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
         warmup = int(round(hp.warmup_epochs * total / epochs))
-        schedule = partial(warmup_cosine, total_steps=total, warmup_steps=warmup, base_lr=base_lr,
-                           warmup_lr=warmup_lr, min_lr=min_lr)
-        scheduler = LambdaLR(optimizer, lambda step: schedule(step) / base_lr)
-        log.info("AdamW peak lr %.3g (total batch %d), %d warmup of %d steps", base_lr, total_batch, warmup, total)
+        scheduler = LambdaLR(optimizer, lambda step: lr_factor(
+            step, decay="cosine", total_steps=total, warmup_steps=warmup, warmup_factor=warmup_lr / base_lr,
+            min_factor=min_lr / base_lr))
+        log.info("AdamW peak lr %.3g, %d warmup of %d steps", base_lr, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _total_batch_size(self) -> int:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        per_device = getattr(datamodule, "batch_size", None) or 1
-        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1)
-        return int(per_device) * self.trainer.world_size * accumulate
+        """Images per optimizer step over all devices (for the linear lr scaling)."""
+        data = self._data()
+        if data is None:
+            raise ValueError("ClassificationTask scales the learning rate by the total batch (lr_reference_batch): "
+                             "fit with a datamodule that has batch_size, or set lr_reference_batch: null")
+        return int(data.batch_size) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def _data(self) -> ClassificationData | None:
+        return data_interface(self._trainer, ClassificationData, type(self).__name__)
 
     def configure_callbacks(self) -> list[Callback]:
         hp = self.hparams
         return default_task_callbacks(self.trainer, hp.monitor, hp.monitor_mode, hp.checkpoint_every_n_steps,
                                       hp.log_samples, hp.ema_decay)
 
-
-def _normalisation(trainer: L.Trainer | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The datamodule's normalisation mean/std (ImageNet's when it has none)."""
-    datamodule = getattr(trainer, "datamodule", None)
-    hparams = getattr(datamodule, "hparams", {}) or {}
-    return tuple(hparams.get("mean", IMAGENET_MEAN)), tuple(hparams.get("std", IMAGENET_STD))

@@ -1,15 +1,22 @@
-"""One LightningModule for every detectron2 meta-architecture (Mask R-CNN, DINO, ...).
+"""One LightningModule for every detectron2 meta-architecture (Mask R-CNN, DINO, Mask2Former).
 
-The model is whatever ``build_model`` makes of the ``detectron2`` config dict; this module adds the
-training loop glue (detectron2 ``EventStorage``, loss logging, AdamW with parameter groups, step
-decay with warmup), COCO evaluation for validate/test and drawing + COCO json for predict.
+The task is glue between parts it is given or builds from its arguments:
+
+* the model (with its loss): whatever ``build_model`` makes of the ``detectron2`` config dict, for the
+  classes of the data (or of a checkpoint);
+* the data: read only through :class:`~focalnet_pl.tasks.data.DetectronData`;
+* the optimizer: AdamW over :mod:`focalnet_pl.optim` parameter groups (``param_groups`` rule), its
+  schedule :func:`focalnet_pl.optim.lr_factor`;
+* the evaluators: :func:`focalnet_pl.evaluation.build_evaluators` for the data's ``evaluator_type`` and
+  the model's outputs (COCO AP, PQ, mIoU);
+* the prediction files: the writers of :mod:`focalnet_pl.tasks.writers`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +29,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone import ResNet
 from detectron2.utils.events import EventStorage
-from PIL import Image
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings, require_task_checkpoint
@@ -30,16 +37,19 @@ from focalnet_pl.d2.backbone import FocalNetBackbone
 from focalnet_pl.d2.config import NUM_CLASSES_KEYS, build_detectron2_cfg, get_dotted, has_dotted
 from focalnet_pl.d2.partial_masks import train_masks_where_annotated
 from focalnet_pl.detector_weights import DetectorLoadReport, load_detector_weights
-from focalnet_pl.evaluation.coco import COCOInstanceEvaluator, format_coco_table, instances_to_coco_results
-from focalnet_pl.evaluation.gather import gather_unique_by_key
 from focalnet_pl.distributed import maybe_fully_shard
 from focalnet_pl.ema import continue_from_trained_weights
+from focalnet_pl.evaluation import DatasetEvaluators, build_evaluators, format_metrics_table, summary_metrics
 from focalnet_pl.focalnet import FocalNetBlock
-from focalnet_pl.optim import param_groups
+from focalnet_pl.optim import lr_factor as schedule_factor
+from focalnet_pl.optim import module_type_param_groups, param_groups
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
 from focalnet_pl.tasks.callbacks import default_task_callbacks
+from focalnet_pl.tasks.data import DetectronData, data_interface
+from focalnet_pl.tasks.writers import COCOResultsWriter, OverlayWriter, SegmentsWriter
+from focalnet_pl.visualize.draw import draw_detectron2_output
 
-__all__ = ["DetectionTask"]
+__all__ = ["CLASS_FIELDS", "DetectionTask", "output_kinds"]
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +61,31 @@ FSDP_BLOCK_TYPES = (
     "focalnet_pl.mask2former.pixel_decoder.DeformableEncoderLayer",
 )
 
+#: the config key of each meta-architecture's thing classes (panoptic inference), when it has one
+THING_CLASS_IDS_KEYS: dict[str, str] = {"Mask2Former": "MODEL.MASK_FORMER.THING_CLASS_IDS"}
+
+#: the class metadata fields a checkpoint keeps, so that predict names and maps classes without the data
+CLASS_FIELDS = ("thing_classes", "thing_dataset_id_to_contiguous_id", "stuff_classes",
+                "stuff_dataset_id_to_contiguous_id", "thing_class_ids", "thing_colors", "stuff_colors")
+
+
+def output_kinds(cfg: CfgNode) -> frozenset[str]:
+    """What the model of ``cfg`` outputs (:data:`focalnet_pl.evaluation.OUTPUT_KINDS`)."""
+    if cfg.MODEL.META_ARCHITECTURE == "Mask2Former":
+        test = cfg.MODEL.MASK_FORMER.TEST
+        flags = {"sem_seg": test.SEMANTIC_ON, "panoptic_seg": test.PANOPTIC_ON, "instances": test.INSTANCE_ON,
+                 "masks": test.INSTANCE_ON}
+        return frozenset(kind for kind, on in flags.items() if on)
+    return frozenset({"instances", "masks"} if cfg.MODEL.MASK_ON else {"instances"})
+
+
+def _set_dotted(cfg: CfgNode, key: str, value: Any) -> None:
+    parent, name = key.rsplit(".", 1)
+    get_dotted(cfg, parent)[name] = value
+
 
 class DetectionTask(L.LightningModule):
-    """Train, evaluate (COCO AP) and run any detectron2 detector built from a config dict.
+    """Train, evaluate and run any detectron2 model built from a config dict.
 
     Args:
         detectron2: nested dict merged into detectron2's default config (plus every registered
@@ -61,23 +93,31 @@ class DetectionTask(L.LightningModule):
             The number of classes comes from the datamodule when the dict does not set it.
         lr: AdamW learning rate of everything but the backbone.
         backbone_lr: learning rate of the (FocalNet / ResNet) backbone; ``None`` = ``lr``.
-        weight_decay: AdamW weight decay (not applied to norms, biases, layer scale, position embeddings
-            unless ``weight_decay_all``).
-        weight_decay_all: weight decay on every parameter, norms and biases included (the official DINO
+        weight_decay: AdamW weight decay.
+        param_groups: which parameters get no weight decay: ``by_name``: norms, biases, layer scale,
+            position embeddings (:func:`focalnet_pl.optim.param_groups`); ``by_module_type``: the
+            parameters of normalisation layers get ``weight_decay_norm``, of ``nn.Embedding``
+            ``weight_decay_embed``, all others, biases included, ``weight_decay`` (Mask2Former's rule,
+            :func:`focalnet_pl.optim.module_type_param_groups`).
+        weight_decay_all: ``by_name`` rule only: weight decay on every parameter (the official DINO
             optimizer, ``param_dict_type='default'``).
-        lr_decay_epochs: epochs (0-based) from which the learning rate is multiplied by another
-            ``lr_decay_factor`` (mmdetection's ``step``).
+        lr_schedule: ``step``: multiply by ``lr_decay_factor`` from each of ``lr_decay_epochs`` (0-based)
+            on; ``poly``: ``(1 - step / max_steps) ** poly_power`` (see :func:`focalnet_pl.optim.lr_factor`).
+        max_steps: length of the poly schedule; ``None`` = the trainer's total optimizer steps.
         warmup_iters: linear warmup from ``warmup_factor * lr`` over this many optimizer steps.
-        score_threshold: minimum score of the detections drawn by ``predict``.
-        predict_output_dir: where ``predict`` writes the drawn images and ``coco_results.json``.
+        score_threshold: minimum score of the instances drawn by ``predict`` and the sample logger.
+        overlay_alpha: opacity of the segments drawn.
+        predict_output_dir: where ``predict`` writes the drawn images and the results json.
         on_nonfinite_loss: ``"raise"`` stops at a NaN/Inf loss naming the step and loss terms;
             ``"skip"`` skips that optimizer step.
         checkpoint_every_n_steps: also refresh ``last.ckpt`` every that many steps (mid-epoch resume).
         log_samples: validation images drawn with their predictions sent to TensorBoard each validation (0: off).
         weights: full detector checkpoint to start from or evaluate (path, https URL or ``zoo:NAME``,
-            e.g. ``zoo:mask_rcnn_focalnet_t_srf_1x``); replaces ``MODEL.WEIGHTS`` when given.
+            e.g. ``zoo:mask_rcnn_focalnet_t_srf_1x``); replaces ``MODEL.WEIGHTS`` when given. With
+            ``MODEL.FOCALNET.WEIGHTS`` set, the FocalNet backbone comes from that file instead.
         monitor, monitor_mode: metric (and whether higher is better) of the default ``ModelCheckpoint``,
-            used when the trainer has no ``ModelCheckpoint`` of its own; ``None``: ``val/AP`` (boxes).
+            used when the trainer has no ``ModelCheckpoint`` of its own; ``None``: ``val/PQ`` for
+            panoptic outputs, ``val/mIoU`` for semantic ones, else ``val/AP`` (boxes).
         ema_decay: keep an exponential moving average of the weights with this decay, validate, test,
             predict, checkpoint and export it (:class:`focalnet_pl.ema.ModelEMA`); ``None``: off.
     """
@@ -88,12 +128,19 @@ class DetectionTask(L.LightningModule):
         lr: float = 1e-4,
         backbone_lr: float | None = None,
         weight_decay: float = 0.05,
+        param_groups: Literal["by_name", "by_module_type"] = "by_name",
         weight_decay_all: bool = False,
+        weight_decay_norm: float = 0.0,
+        weight_decay_embed: float = 0.0,
+        lr_schedule: Literal["step", "poly"] = "step",
         lr_decay_epochs: Sequence[int] = (),
         lr_decay_factor: float = 0.1,
+        max_steps: int | None = None,
+        poly_power: float = 0.9,
         warmup_iters: int = 0,
         warmup_factor: float = 0.001,
         score_threshold: float = 0.5,
+        overlay_alpha: float = 0.5,
         predict_output_dir: str = "predictions",
         on_nonfinite_loss: NonFiniteAction = "raise",
         checkpoint_every_n_steps: int | None = None,
@@ -105,6 +152,10 @@ class DetectionTask(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if param_groups not in ("by_name", "by_module_type"):
+            raise ValueError(f"param_groups must be 'by_name' or 'by_module_type', got {param_groups!r}")
+        if lr_schedule not in ("poly", "step"):
+            raise ValueError(f"lr_schedule must be 'poly' or 'step', got {lr_schedule!r}")
         self.loss_guard = NonFiniteLossGuard(on_nonfinite_loss)
         overrides = detectron2 or {}
         self.cfg: CfgNode = build_detectron2_cfg(overrides)
@@ -112,80 +163,105 @@ class DetectionTask(L.LightningModule):
             log.info("weights=%s replaces detectron2.MODEL.WEIGHTS=%s", weights, self.cfg.MODEL.WEIGHTS)
         self.weights_source: str = weights or self.cfg.MODEL.WEIGHTS
         self.meta_architecture: str = self.cfg.MODEL.META_ARCHITECTURE
-        self.evaluate_masks = bool(self.cfg.MODEL.MASK_ON)
         if self.meta_architecture not in NUM_CLASSES_KEYS:
             raise ValueError(
                 f"meta-architecture {self.meta_architecture!r} has no entry in focalnet_pl.d2.config.NUM_CLASSES_KEYS "
                 f"(known: {sorted(NUM_CLASSES_KEYS)}); register the config key holding its number of classes"
             )
+        self.output_kinds = output_kinds(self.cfg)
         self.num_classes_key = NUM_CLASSES_KEYS[self.meta_architecture]
-        self.explicit_num_classes: int | None = (
+        self.thing_class_ids_key = THING_CLASS_IDS_KEYS.get(self.meta_architecture)
+        self.configured_num_classes: int | None = (
             get_dotted(self.cfg, self.num_classes_key) if has_dotted(overrides, self.num_classes_key) else None
         )
         self.num_classes: int | None = None
         self.model: nn.Module | None = None
-        if self.explicit_num_classes is not None:
-            self._build_model(self.explicit_num_classes)
-        self._evaluator: COCOInstanceEvaluator | None = None
-        self._predictions: dict[int, tuple[dict, list[dict]]] = {}
-        self._checkpoint_metadata: Metadata | None = None
+        self._class_metadata: Metadata | None = None
+        if self.configured_num_classes is not None:
+            self._build_model(self.configured_num_classes, None)
+        self.evaluator: DatasetEvaluators | None = None
         self.weights_report: DetectorLoadReport | None = None
 
-    # ---- model --------------------------------------------------------------------------------
-    def _build_model(self, num_classes: int) -> None:
+    # ---- model and classes --------------------------------------------------------------------
+    def _build_model(self, num_classes: int, thing_class_ids: Sequence[int] | None) -> None:
         cfg = self.cfg.clone()
         cfg.defrost()
-        node = get_dotted(cfg, self.num_classes_key.rsplit(".", 1)[0])
-        node[self.num_classes_key.rsplit(".", 1)[1]] = int(num_classes)
+        _set_dotted(cfg, self.num_classes_key, int(num_classes))
+        if self.thing_class_ids_key and thing_class_ids is not None and not get_dotted(cfg, self.thing_class_ids_key):
+            _set_dotted(cfg, self.thing_class_ids_key, [int(i) for i in thing_class_ids])
         cfg.MODEL.DEVICE = "cpu"  # Lightning moves the module
         cfg.freeze()
         self.model = build_model(cfg)
         train_masks_where_annotated(self.model)  # objects annotated with a box only train no mask
         self.num_classes = int(num_classes)
 
-    def _datamodule(self) -> Any:
-        trainer = self._trainer
-        return getattr(trainer, "datamodule", None) if trainer is not None else None
+    def _use_classes(self, metadata: Metadata, source: str) -> None:
+        """The one place the model's classes are settled, from the class ``metadata`` of the data or of a
+        checkpoint (``source``): the model is built for them, or the built one must predict them."""
+        num_classes = len(metadata.thing_classes)
+        things = metadata.get("thing_class_ids", None)
+        if self.configured_num_classes is not None and num_classes != self.configured_num_classes:
+            raise ValueError(f"the config sets {self.num_classes_key}={self.configured_num_classes} but the "
+                             f"{source} has {num_classes} classes")
+        if self.model is None:
+            self._build_model(num_classes, things)
+        elif num_classes != self.num_classes:
+            raise ValueError(f"the model predicts {self.num_classes} classes but the {source} has {num_classes}")
+        configured_things = get_dotted(self.cfg, self.thing_class_ids_key) if self.thing_class_ids_key else None
+        if configured_things and things is not None and metadata.get("evaluator_type", None) == "panoptic" \
+                and sorted(configured_things) != sorted(things):
+            raise ValueError(f"detectron2.{self.thing_class_ids_key}={list(configured_things)} differ from the "
+                             f"{source}'s thing classes {sorted(things)}")
+        if self._class_metadata is None:
+            self._class_metadata = metadata
+            if self.thing_class_ids_key and not configured_things and things is not None:
+                self.model.thing_class_ids = {int(i) for i in things}  # a model built before the classes were known
 
-    def _data_num_classes(self) -> int | None:
-        """Classes of the datamodule's annotated data (``None`` when it has none, e.g. a predict folder)."""
-        try:
-            return getattr(self._datamodule(), "num_classes", None)
-        except ValueError:
-            return None
+    @property
+    def class_metadata(self) -> Metadata:
+        """Names, dataset ids (and colours, thing classes) of the model's classes: the data's, else the
+        checkpoint's, else ``class_<i>`` with ids ``i``."""
+        if self._class_metadata is not None:
+            return self._class_metadata
+        names = [f"class_{i}" for i in range(self.num_classes or 0)]
+        identity = {i: i for i in range(len(names))}
+        return Metadata(name="unnamed classes", thing_classes=names, stuff_classes=names,
+                        thing_dataset_id_to_contiguous_id=identity, stuff_dataset_id_to_contiguous_id=identity)
+
+    def _data(self) -> DetectronData | None:
+        return data_interface(self._trainer, DetectronData, type(self).__name__)
 
     def setup(self, stage: str) -> None:
-        data_classes = self._data_num_classes()
-        if self.explicit_num_classes is not None and data_classes is not None and data_classes != self.explicit_num_classes:
-            raise ValueError(
-                f"the config sets {self.num_classes_key}={self.explicit_num_classes} but the datamodule has "
-                f"{data_classes} classes"
-            )
-        if self.model is None and data_classes is not None:
-            self._build_model(data_classes)
-        elif self.model is not None and data_classes is not None and data_classes != self.num_classes:
-            raise ValueError(f"the model predicts {self.num_classes} classes but the datamodule has {data_classes}")
+        data = self._data()
+        if data is not None:
+            if data.image_format != self.cfg.INPUT.FORMAT:
+                raise ValueError(f"the datamodule gives {data.image_format} images but detectron2.INPUT.FORMAT is "
+                                 f"{self.cfg.INPUT.FORMAT!r}")
+            metadata = data.class_metadata
+            if metadata is not None:
+                self._use_classes(metadata, "datamodule")
         if self.weights_source and self.weights_report is None and self.model is not None:
             self._load_model_weights()
-        data_hparams = getattr(self._datamodule(), "hparams", None)
-        data_format = data_hparams.get("image_format") if isinstance(data_hparams, Mapping) else None
-        if data_format is not None and data_format != self.cfg.INPUT.FORMAT:
-            raise ValueError(
-                f"the datamodule gives {data_format} images but detectron2.INPUT.FORMAT is {self.cfg.INPUT.FORMAT!r}"
-            )
 
     def _load_model_weights(self) -> None:
         """``weights`` / ``MODEL.WEIGHTS``: a full detector checkpoint (official, detrex, mmdetection or ours),
-        class rows chosen by the datamodule's category ids (see :func:`focalnet_pl.load_detector_weights`)."""
-        metadata = self._data_metadata()
+        class rows chosen by the dataset ids of the model's classes (see :func:`focalnet_pl.load_detector_weights`).
+        With ``MODEL.FOCALNET.WEIGHTS`` the FocalNet backbone comes from there: the checkpoint's tensors
+        under it (FocalNet or, in official releases, Swin / ResNet) are skipped."""
+        model = self._require_model()
         class_ids = class_names = None
-        if metadata is not None and metadata.get("thing_dataset_id_to_contiguous_id", None):
-            to_dataset = {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
+        if self._class_metadata is not None:
+            metadata = self._class_metadata
+            id_map = metadata.get("stuff_dataset_id_to_contiguous_id", None) or metadata.thing_dataset_id_to_contiguous_id
+            to_dataset = {v: k for k, v in id_map.items()}
             class_ids = [to_dataset[i] for i in range(len(to_dataset))]
-            class_names = list(metadata.get("thing_classes", None) or []) or None
-        self.weights_report = load_detector_weights(
-            self._require_model(), self.weights_source, class_ids=class_ids, class_names=class_names
-        )
+            class_names = list(metadata.thing_classes)
+        backbone_filter = None
+        if self.cfg.MODEL.FOCALNET.WEIGHTS:
+            prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, FocalNetBackbone))
+            backbone_filter = lambda key: not key.startswith(prefixes)  # noqa: E731
+        self.weights_report = load_detector_weights(model, self.weights_source, class_ids=class_ids,
+                                                    class_names=class_names, checkpoint_filter=backbone_filter)
 
     def configure_model(self) -> None:
         """Shard with FSDP2 under ``FSDP2Strategy`` (no-op under other strategies, never twice)."""
@@ -194,12 +270,28 @@ class DetectionTask(L.LightningModule):
     @property
     def monitor_metric(self) -> str:
         """The metric of the default ``ModelCheckpoint``: ``monitor``, else the task's own."""
-        return self.hparams.monitor or "val/AP"
+        if self.hparams.monitor:
+            return self.hparams.monitor
+        return "val/PQ" if "panoptic_seg" in self.output_kinds else "val/mIoU" if "sem_seg" in self.output_kinds \
+            else "val/AP"
 
-    def configure_callbacks(self) -> list:
+    def configure_callbacks(self) -> list[Callback]:
         hp = self.hparams
-        return default_task_callbacks(self.trainer, self.monitor_metric, hp.monitor_mode, hp.checkpoint_every_n_steps,
-                                      hp.log_samples, hp.ema_decay)
+        callbacks = default_task_callbacks(self.trainer, self.monitor_metric, hp.monitor_mode,
+                                           hp.checkpoint_every_n_steps, hp.log_samples, hp.ema_decay)
+        if self.trainer.state.fn == "predict":
+            callbacks += self._prediction_writers()
+        return callbacks
+
+    def _prediction_writers(self) -> list[Callback]:
+        """The writers of this model's outputs that the trainer does not have yet: drawn images, and COCO
+        results (instance models) or segments (segmentation models)."""
+        out = self.hparams.predict_output_dir
+        segmentation = bool({"sem_seg", "panoptic_seg"} & self.output_kinds)
+        writers = [OverlayWriter(out, self.hparams.score_threshold, self.hparams.overlay_alpha),
+                   SegmentsWriter(out) if segmentation else COCOResultsWriter(out)]
+        present = {type(callback) for callback in self.trainer.callbacks}
+        return [writer for writer in writers if type(writer) not in present]
 
     def _require_model(self) -> nn.Module:
         """The detectron2 model; it is built once its number of classes is known: from the config,
@@ -207,7 +299,7 @@ class DetectionTask(L.LightningModule):
         if self.model is None:
             raise RuntimeError(
                 f"number of classes unknown: set detectron2.{self.num_classes_key}, use a datamodule with "
-                "annotated data (num_classes), or restore a checkpoint (ckpt_path)"
+                "annotated data (class_metadata), or restore a checkpoint (ckpt_path)"
             )
         return self.model
 
@@ -215,19 +307,11 @@ class DetectionTask(L.LightningModule):
         return self._require_model()(batch)
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def _data_metadata(self) -> Metadata | None:
-        try:
-            return self._datamodule().metadata
-        except (AttributeError, ValueError):
-            return None
-
     def architecture(self) -> dict[str, Any]:
         """What this task's checkpoints record of the model (see :mod:`focalnet_pl.architecture`)."""
         model = self._require_model()
         backbone = next((m for m in model.modules() if isinstance(m, FocalNetBackbone)), None)
-        metadata = self._data_metadata() or self._checkpoint_metadata
-        data = getattr(self._datamodule(), "hparams", None) or {}
-        eval_size = [data["test_min_size"], data.get("test_max_size")] if "test_min_size" in data else None
+        data = self._data()
         levels = {f"MODEL.{name}.NUM_FEATURE_LEVELS": node.NUM_FEATURE_LEVELS
                   for name, node in self.cfg.MODEL.items() if isinstance(node, CfgNode) and "NUM_FEATURE_LEVELS" in node}
         return {
@@ -238,17 +322,16 @@ class DetectionTask(L.LightningModule):
             "feature_levels": levels,
             "mask_on": bool(self.cfg.MODEL.MASK_ON),
             "num_classes": self.num_classes,
-            "class_names": list(metadata.thing_classes) if metadata is not None else None,
+            "class_names": list(self._class_metadata.thing_classes) if self._class_metadata is not None else None,
             "input_format": self.cfg.INPUT.FORMAT,
-            "eval_size": eval_size,
+            "eval_size": list(data.eval_size) if data is not None else None,
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info: dict[str, Any] = {"meta_architecture": self.meta_architecture, "num_classes": self.num_classes}
-        metadata = self._data_metadata() or self._checkpoint_metadata
-        if metadata is not None:  # class names and ids, so that predict can label without the data
-            info["thing_classes"] = list(metadata.thing_classes)
-            info["thing_dataset_id_to_contiguous_id"] = dict(metadata.thing_dataset_id_to_contiguous_id)
+        if self._class_metadata is not None:  # class names and ids, so that predict can label without the data
+            info.update({name: self._class_metadata.get(name) for name in CLASS_FIELDS
+                         if self._class_metadata.get(name, None) is not None})
         checkpoint["detection"] = info
         checkpoint[ARCHITECTURE_KEY] = self.architecture()
 
@@ -263,12 +346,9 @@ class DetectionTask(L.LightningModule):
                 f"checkpoint holds a {info['meta_architecture']} model but the config builds {self.meta_architecture}"
             )
         if "thing_classes" in info:
-            self._checkpoint_metadata = Metadata(
-                thing_classes=info["thing_classes"],
-                thing_dataset_id_to_contiguous_id=info["thing_dataset_id_to_contiguous_id"],
-            )
-        if self.model is None:
-            self._build_model(info["num_classes"])
+            self._use_classes(Metadata(**{name: info[name] for name in CLASS_FIELDS if name in info}), "checkpoint")
+        elif self.model is None:
+            self._build_model(info["num_classes"], None)
         check_architecture(checkpoint.get(ARCHITECTURE_KEY), self.architecture())
         if info["num_classes"] != self.num_classes:
             raise ValueError(
@@ -298,35 +378,35 @@ class DetectionTask(L.LightningModule):
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         return total
 
-    def _parameter_groups(self) -> list[dict]:
-        """AdamW groups (see :func:`focalnet_pl.optim.param_groups`); the FocalNet / ResNet backbone
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups by the ``param_groups`` rule, each with its ``lr``: the FocalNet / ResNet backbone
         gets ``backbone_lr``."""
         model = self._require_model()
-        lr = self.hparams.lr
-        backbone_lr = self.hparams.backbone_lr if self.hparams.backbone_lr is not None else lr
-        prefixes = [f"{name}." for name, m in model.named_modules() if isinstance(m, (FocalNetBackbone, ResNet))]
-        groups = self._group_parameters(model, {p: backbone_lr / lr for p in prefixes})
+        hp = self.hparams
+        backbone_lr = hp.backbone_lr if hp.backbone_lr is not None else hp.lr
+        lr_scale = {f"{name}.": backbone_lr / hp.lr for name, m in model.named_modules()
+                    if isinstance(m, (FocalNetBackbone, ResNet))}
+        if hp.param_groups == "by_module_type":
+            groups = module_type_param_groups(model, hp.weight_decay, lr_scale, hp.weight_decay_norm,
+                                              hp.weight_decay_embed)
+        else:
+            groups = param_groups(model.named_parameters(), hp.weight_decay, lr_scale, decay_all=hp.weight_decay_all)
         for group in groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = hp.lr * group["lr_scale"]
         return groups
-
-    def _group_parameters(self, model: nn.Module, lr_scale: dict[str, float]) -> list[dict]:
-        """Weight-decay groups of ``model`` with the given lr scales by name prefix."""
-        return param_groups(model.named_parameters(), self.hparams.weight_decay, lr_scale,
-                            decay_all=self.hparams.weight_decay_all)
 
     def lr_factor(self, step: int, epoch: int) -> float:
         """Multiplier of the base learning rates at optimizer ``step`` during ``epoch``."""
-        decays = sum(epoch >= e for e in self.hparams.lr_decay_epochs)
-        factor = self.hparams.lr_decay_factor**decays
-        warmup = self.hparams.warmup_iters
-        if step < warmup:
-            alpha = step / warmup
-            factor *= self.hparams.warmup_factor * (1 - alpha) + alpha
-        return factor
+        hp = self.hparams
+        total = hp.max_steps
+        if total is None and hp.lr_schedule == "poly":
+            total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        return schedule_factor(step, epoch, decay=hp.lr_schedule, warmup_steps=hp.warmup_iters,
+                               warmup_factor=hp.warmup_factor, decay_epochs=hp.lr_decay_epochs,
+                               decay_factor=hp.lr_decay_factor, total_steps=total or 1, power=hp.poly_power)
 
     def configure_optimizers(self) -> dict:
-        optimizer = torch.optim.AdamW(self._parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
         def factor(step: int) -> float:
             return self.lr_factor(step, self.trainer.current_epoch if self._trainer is not None else 0)
@@ -335,37 +415,33 @@ class DetectionTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def _split_metadata(self, split: str) -> Metadata:
-        datamodule = self._datamodule()
-        if datamodule is None or not hasattr(datamodule, "dataset_metadata"):
-            raise ValueError("COCO evaluation needs a datamodule with dataset_metadata(split) (e.g. COCODataModule)")
-        return datamodule.dataset_metadata(split)
+    def _output_dir(self) -> Path:
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
-    def _start_evaluation(self, split: str) -> None:
-        metadata = self._split_metadata(split)
-        to_dataset = {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
-        self._evaluator = COCOInstanceEvaluator(
-            metadata.json_file, to_dataset, ("bbox", "segm") if self.evaluate_masks else ("bbox",)
-        )
+    def _start_evaluation(self, stage: str) -> None:
+        data = self._data()
+        if data is None:
+            raise ValueError(f"{stage} needs a datamodule with evaluation data (e.g. COCODataModule)")
+        split = "val" if stage == "val" else "test"
+        self.evaluator = build_evaluators(data.dataset_metadata(split), self.output_kinds,
+                                          lambda: data.instance_ground_truth(split), self._output_dir(), f"{stage}_")
 
     def _evaluation_step(self, batch: list[dict]) -> None:
-        outputs = self._require_model()(batch)
-        assert self._evaluator is not None
-        self._evaluator.process(batch, outputs)
-
-    def _output_dir(self) -> Path:
-        trainer = self.trainer
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        assert self.evaluator is not None
+        self.evaluator.process(batch, self._require_model()(batch))
 
     def _finish_evaluation(self, stage: str) -> dict[str, float]:
-        assert self._evaluator is not None
-        metrics = self._evaluator.evaluate(self._output_dir(), file_prefix=f"{stage}_")
-        # identical on every rank (computed on rank 0 and broadcast): syncing averages equal values
-        self.log_dict({f"{stage}/{name}": value for name, value in metrics.items()}, sync_dist=True)
+        assert self.evaluator is not None
+        metrics = self.evaluator.evaluate()
+        self.evaluator = None
+        # identical on every rank (gathered): syncing averages equal values
+        self.log_dict({f"{stage}/{name}": value for name, value in summary_metrics(metrics).items()}, sync_dist=True)
         if self.trainer.is_global_zero:
             epoch = f" (epoch {self.current_epoch})" if stage == "val" else ""
-            print(format_coco_table(metrics, title=f"COCO {stage}{epoch}:"), flush=True)
-        self._evaluator = None
+            print(format_metrics_table(metrics, f"{stage}{epoch}:"), flush=True)
+            out = self._output_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{stage}_metrics.json").write_text(json.dumps(metrics, indent=1))
         return metrics
 
     def on_validation_epoch_start(self) -> None:
@@ -392,68 +468,20 @@ class DetectionTask(L.LightningModule):
         self._finish_evaluation("test")
 
     # ---- prediction ---------------------------------------------------------------------------
-    def _predict_metadata(self) -> Metadata:
-        """Class names and ids: from the datamodule, else from the checkpoint, else ``class_<i>``."""
-        metadata = self._data_metadata() or self._checkpoint_metadata
-        if metadata is not None:
-            return metadata
-        classes = [f"class_{i}" for i in range(self.num_classes or 0)]
-        return Metadata(thing_classes=classes, thing_dataset_id_to_contiguous_id={i: i for i in range(len(classes))})
-
-    def on_predict_epoch_start(self) -> None:
-        self._predictions = {}
-        self._predict_meta = self._predict_metadata()
-        Path(self.hparams.predict_output_dir).mkdir(parents=True, exist_ok=True)
-
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        """One dict per image: ``image`` (``id``, ``file_name``, ``height``, ``width``) and the model's
+        outputs; the writers (:meth:`configure_callbacks`) turn them into files."""
         outputs = self._require_model()(batch)
-        to_dataset = {v: k for k, v in self._predict_meta.thing_dataset_id_to_contiguous_id.items()}
-        results = []
-        for record, output in zip(batch, outputs):
-            instances = output["instances"].to("cpu")
-            image_rgb = read_image(record["file_name"], format="RGB")
-            self._draw(record["file_name"], image_rgb, output)
-            image_results = instances_to_coco_results(instances, record["image_id"], to_dataset, instances.has("pred_masks"))
-            info = {"id": int(record["image_id"]), "file_name": str(record["file_name"]),
-                    "height": int(record["height"]), "width": int(record["width"])}
-            self._predictions[info["id"]] = (info, image_results)
-            results.extend(image_results)
-        return results
-
-    def render_output(self, image_rgb: np.ndarray, output: dict, metadata: Metadata) -> np.ndarray:
-        """The image with the model's output drawn on it (detectron2 ``Visualizer``; needs OpenCV)."""
-        from detectron2.utils.visualizer import ColorMode, Visualizer
-
-        instances = output["instances"].to("cpu")
-        keep = instances[instances.scores >= self.hparams.score_threshold]
-        return Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(keep).get_image()
-
-    def _draw(self, file_name: str, image_rgb: np.ndarray, output: dict) -> None:
-        drawn = self.render_output(image_rgb, output, self._predict_meta)
-        Image.fromarray(drawn).save(Path(self.hparams.predict_output_dir) / f"{Path(file_name).stem}.png")
+        return [{"image": {"id": record["image_id"], "file_name": record["file_name"], "height": record["height"],
+                           "width": record["width"]}, **output} for record, output in zip(batch, outputs)]
 
     def visualize_batch(self, batch: list[dict], max_images: int) -> list[tuple[str, np.ndarray]]:
         """Validation images with the predictions drawn (for :class:`SamplePredictionLogger`)."""
         records = batch[:max_images]
         with torch.no_grad():
             outputs = self._require_model()(records)
-        metadata = self._predict_metadata()
+        hp = self.hparams
         return [(f"val_samples/{Path(r['file_name']).stem}",
-                 self.render_output(read_image(r["file_name"], format="RGB"), o, metadata))
+                 draw_detectron2_output(read_image(r["file_name"], format="RGB"), o, self.class_metadata,
+                                        hp.score_threshold, hp.overlay_alpha))
                 for r, o in zip(records, outputs)]
-
-    def on_predict_epoch_end(self) -> None:
-        merged = gather_unique_by_key(self._predictions)
-        if self.trainer.is_global_zero:
-            out = Path(self.hparams.predict_output_dir)
-            ids = sorted(merged)
-            (out / "coco_results.json").write_text(json.dumps([r for i in ids for r in merged[i][1]]))
-            images = [merged[i][0] for i in ids]
-            categories = [
-                {"id": dataset_id, "name": self._predict_meta.thing_classes[index]}
-                for dataset_id, index in sorted(self._predict_meta.thing_dataset_id_to_contiguous_id.items())
-            ]
-            (out / "images.json").write_text(json.dumps({"images": images, "categories": categories}))
-            print(f"predict: wrote {len(ids)} drawn images, coco_results.json and images.json to {out}", flush=True)
-        self._predictions = {}
-

@@ -104,3 +104,22 @@ def overlay_heatmap(image: Image.Image, heat: np.ndarray, alpha: float = 0.55, c
     resized = Image.fromarray((scaled * 255).astype(np.uint8), mode="L").resize(image.size, Image.Resampling.BILINEAR)
     coloured = Image.fromarray(_colormap(np.asarray(resized) / 255.0, cmap), mode="RGB")
     return Image.blend(image.convert("RGB"), coloured, alpha)
+
+
+def draw_detectron2_output(image_rgb: np.ndarray, output: Mapping[str, Any], metadata: Any,
+                           score_threshold: float = 0.5, overlay_alpha: float = 0.5) -> np.ndarray:
+    """A detectron2 model's output drawn on its (H, W, 3) RGB image by detectron2's ``Visualizer`` (needs
+    OpenCV): the panoptic segments, else the semantic map, else the instances scoring ``score_threshold``
+    or more; ``metadata`` names (and colours) the classes."""
+    from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: PLC0415 (OpenCV, detectron2)
+
+    visualizer = Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
+    if "panoptic_seg" in output:
+        segment_map, segments = output["panoptic_seg"]
+        drawn = visualizer.draw_panoptic_seg(segment_map.cpu(), segments, alpha=overlay_alpha)
+    elif "sem_seg" in output:
+        drawn = visualizer.draw_sem_seg(output["sem_seg"].argmax(0).cpu(), alpha=overlay_alpha)
+    else:
+        instances = output["instances"].to("cpu")
+        drawn = visualizer.draw_instance_predictions(instances[instances.scores >= score_threshold])
+    return drawn.get_image()
