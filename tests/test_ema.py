@@ -10,6 +10,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from datamodules import ImageNetDataModule
+from focalnet_pl.distributed import FSDP2Strategy
 from focalnet_pl.ema import TRAINED_STATE_KEY, ModelEMA
 from focalnet_pl.export import export_weights, load_task
 from focalnet_pl.tasks import ClassificationTask, DetectionTask, SegmentationTask
@@ -170,6 +171,9 @@ def test_every_task_switches_ema_on_with_ema_decay() -> None:
         assert len(added) == 1 and added[0].decay == 0.999
     with pytest.raises(ValueError, match="decay"):
         ModelEMA(decay=1.0)
+    sharded = SimpleNamespace(strategy=FSDP2Strategy())
+    with pytest.raises(ValueError, match="sharded parameters"):
+        ModelEMA().setup(sharded, ClassificationTask(), "fit")
 
 
 def test_dino_fit_test_and_resume_with_ema_through_the_cli(small_coco: Path, small_cli_config, tmp_path: Path,
