@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: checkpoint entry holding the trained (not averaged) weights; ``state_dict`` holds the EMA weights
 TRAINED_STATE_KEY = "current_model_state"
+#: checkpoint entry holding the EMA's update count and the step of its latest update
+EMA_STATE_KEY = "model_ema"
 
 
 class ModelEMA(Callback):
@@ -63,7 +65,7 @@ class ModelEMA(Callback):
 
     @property
     def active(self) -> bool:
-        """Whether an average is being kept (during fit)."""
+        """Whether an average is kept (from the start of fit on)."""
         return bool(self._averages)
 
     def decay_at(self, update: int) -> float:
@@ -102,32 +104,25 @@ class ModelEMA(Callback):
         self._catch_up(trainer)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.active and not self._swapped:
+        if trainer.state.fn == TrainerFn.FITTING and self.active and not self._swapped:
             self._swap()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after on_validation_epoch_end, so that metrics and drawn samples all come from the EMA weights
-        if self._swapped:
+        if trainer.state.fn == TrainerFn.FITTING and self._swapped:
             self._swap()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The model keeps the EMA weights for whatever follows fit."""
-        if not self.active:
-            return
-        if not self._swapped:
+        """The model keeps the EMA weights for whatever follows fit (checkpoints written from now on, e.g.
+        ``ModelCheckpoint``'s last one, still hold both)."""
+        if self.active and not self._swapped:
             self._swap()
-        self._names, self._weights, self._averages, self._swapped = [], [], [], False
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "updated_at_step": self._updated_at_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.updates = int(state_dict["updates"])
-        self._updated_at_step = int(state_dict["updated_at_step"])
-
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """``state_dict``: the EMA weights; :data:`TRAINED_STATE_KEY`: the trained ones (fit only)."""
+        """``state_dict``: the EMA weights; :data:`TRAINED_STATE_KEY`: the trained ones; :data:`EMA_STATE_KEY`: the
+        update count (written here, after the catch-up, rather than through ``state_dict()``, which Lightning
+        collects first)."""
         if not self.active:
             return
         if not self._swapped:
@@ -142,6 +137,7 @@ class ModelEMA(Callback):
         trained, averaged = (exchanged, module_state) if self._swapped else (module_state, exchanged)
         checkpoint[TRAINED_STATE_KEY] = dict(trained)
         checkpoint["state_dict"] = dict(averaged)
+        checkpoint[EMA_STATE_KEY] = {"updates": self.updates, "updated_at_step": self._updated_at_step}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Resuming a fit: the module gets the trained weights back and the EMA the checkpoint's average.
@@ -153,6 +149,8 @@ class ModelEMA(Callback):
             return
         self._restored = {name: t.detach().clone() for name, t in _tracked_tensors(pl_module).items()}
         pl_module.load_state_dict(checkpoint[TRAINED_STATE_KEY], strict=pl_module.strict_loading)
+        state = checkpoint[EMA_STATE_KEY]
+        self.updates, self._updated_at_step = int(state["updates"]), int(state["updated_at_step"])
 
     # ------------------------------------------------------------------ internals
     def _catch_up(self, trainer: L.Trainer) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from datamodules import ImageNetDataModule
 from focalnet_pl.distributed import FSDP2Strategy
-from focalnet_pl.ema import TRAINED_STATE_KEY, ModelEMA
+from focalnet_pl.ema import EMA_STATE_KEY, TRAINED_STATE_KEY, ModelEMA
 from focalnet_pl.export import export_weights, load_task
 from focalnet_pl.tasks import ClassificationTask, DetectionTask, SegmentationTask
 from test_classification import TINY, _write_imagefolder  # noqa: E402
@@ -93,7 +93,7 @@ def test_ema_formula_validation_checkpoint_and_export(images: Path, tmp_path: Pa
     checkpoint = _load(tmp_path / "run" / "epoch1.ckpt")
     torch.testing.assert_close(_model_part(checkpoint["state_dict"]), expected)
     torch.testing.assert_close(_model_part(checkpoint[TRAINED_STATE_KEY]), steps[-1], rtol=0, atol=0)
-    assert checkpoint["callbacks"]["ModelEMA"]["updates"] == 4
+    assert checkpoint[EMA_STATE_KEY] == {"updates": 4, "updated_at_step": 4}
     trained = ClassificationTask(**(TASK_ARGS | {"num_classes": 2}))
     trained.load_state_dict(checkpoint[TRAINED_STATE_KEY])
     raw_loss = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
@@ -191,10 +191,10 @@ def test_dino_fit_test_and_resume_with_ema_through_the_cli(small_coco: Path, sma
     main(["fit", "--config", str(config), "--model.init_args.ema_decay", "0.5"])
     last = tmp_path / "checkpoints" / "last.ckpt"
     state = _load(last)
-    assert state["callbacks"]["ModelEMA"]["updates"] == state["global_step"] == 2
+    assert state[EMA_STATE_KEY]["updates"] == state["global_step"] == 2
     assert any(not torch.equal(value, state[TRAINED_STATE_KEY][key]) for key, value in state["state_dict"].items())
     main(["test", "--config", str(config), "--ckpt_path", str(last)])
     main(["fit", "--config", str(config), "--model.init_args.ema_decay", "0.5", "--ckpt_path", str(last),
           "--trainer.max_epochs", "2"])
     resumed = _load(last)
-    assert resumed["global_step"] > 2 and resumed["callbacks"]["ModelEMA"]["updates"] == resumed["global_step"]
+    assert resumed["global_step"] > 2 and resumed[EMA_STATE_KEY]["updates"] == resumed["global_step"]
