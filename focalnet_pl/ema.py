@@ -61,7 +61,7 @@ class ModelEMA(Callback):
         self._weights: list[torch.Tensor] = []  # the module's tensors under those keys
         self._averages: list[torch.Tensor] = []  # their EMA, in the same order
         self._restored: dict[str, torch.Tensor] | None = None  # EMA read from a checkpoint, until on_fit_start
-        self._swapped = False  # the module holds the EMA weights (validation) and ``_averages`` the trained ones
+        self._swapped = False  # the module holds the EMA weights (validation, after fit), ``_averages`` the trained
 
     @property
     def active(self) -> bool:
@@ -149,8 +149,10 @@ class ModelEMA(Callback):
             return
         self._restored = {name: t.detach().clone() for name, t in _tracked_tensors(pl_module).items()}
         pl_module.load_state_dict(checkpoint[TRAINED_STATE_KEY], strict=pl_module.strict_loading)
-        state = checkpoint[EMA_STATE_KEY]
-        self.updates, self._updated_at_step = int(state["updates"]), int(state["updated_at_step"])
+        # (Lightning's EMAWeightAveraging writes the same two weight entries, but no update count)
+        state = checkpoint.get(EMA_STATE_KEY, {})
+        self.updates = int(state.get("updates", 0))
+        self._updated_at_step = int(state.get("updated_at_step", checkpoint.get("global_step", 0)))
 
     # ------------------------------------------------------------------ internals
     def _catch_up(self, trainer: L.Trainer) -> None:
