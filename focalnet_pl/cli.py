@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from datamodules.image_io import DataNotFoundError
@@ -61,7 +62,9 @@ def resolve_checkpoint_alias(root: str | Path, alias: str) -> Path:
 class FocalNetCLI(LightningCLI):
     """LightningCLI with subclass mode for model and data, config files saved next to the logs, atomic
     checkpoint writes (:data:`DEFAULT_PLUGINS`), seed 0 unless the config sets another,
-    ``--ckpt_path best|last`` resolved across processes (:func:`resolve_checkpoint_alias`), and ``predict``
+    ``--ckpt_path best|last`` resolved across processes (:func:`resolve_checkpoint_alias`), model arguments
+    given in ``--config`` files or on the command line winning over the hyper-parameters Lightning reads
+    from ``--ckpt_path`` (those fill in only what the user left out, e.g. ``num_classes``), and ``predict``
     keeping no outputs in memory (the tasks' prediction writers write them; ``--return_predictions true``
     keeps them)."""
 
@@ -70,6 +73,7 @@ class FocalNetCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs["trainer_defaults"] = {"plugins": DEFAULT_PLUGINS} | kwargs.get("trainer_defaults", {})
+        self._given_model_args: Namespace | None = None
         quiet_lightning()
         super().__init__(
             subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
@@ -77,20 +81,34 @@ class FocalNetCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, then turn ``ckpt_path: best|last`` into the file (before Lightning reads its hyper-parameters)."""
+        """Parse, turn ``ckpt_path: best|last`` into the file (before Lightning reads its hyper-parameters)
+        and, with a checkpoint, keep the model arguments the user gave (see :meth:`before_instantiate_classes`)."""
         if self.with_subcommands:
             parser.set_defaults({"predict.return_predictions": False})
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         section = self.config[subcommand] if subcommand else None
         alias = section.get("ckpt_path") if section is not None else None
-        if alias not in CHECKPOINT_ALIASES:
+        if alias in CHECKPOINT_ALIASES:
+            try:
+                section.ckpt_path = str(resolve_checkpoint_alias(run_root(section.trainer), alias))
+            except FileNotFoundError:
+                if not (subcommand == "fit" and alias == "last"):  # fit: Lightning starts afresh
+                    raise
+        if section is not None and section.get("ckpt_path"):
+            # the same arguments without defaults: only what --config files and the command line set
+            given = parser.parse_object(args, defaults=False) if isinstance(args, (dict, Namespace)) \
+                else parser.parse_args(args, defaults=False)
+            self._given_model_args = given[subcommand].get("model.init_args")
+
+    def before_instantiate_classes(self) -> None:
+        """Put back the model arguments the user gave over the checkpoint's hyper-parameters, which
+        LightningCLI applies to the config for ``--ckpt_path`` (e.g. ``--model.init_args.predict_output_dir``)."""
+        if self._given_model_args is None or self.subcommand is None:
             return
-        try:
-            section.ckpt_path = str(resolve_checkpoint_alias(run_root(section.trainer), alias))
-        except FileNotFoundError:
-            if not (subcommand == "fit" and alias == "last"):  # fit: Lightning starts afresh
-                raise
+        init_args = self.config[self.subcommand].model.init_args
+        for key, value in vars(self._given_model_args).items():
+            init_args[key] = value
 
 
 def quiet_lightning() -> None:

@@ -96,12 +96,7 @@ def load_task(config: dict[str, Any], ckpt_path: str | Path) -> L.LightningModul
 
 
 def find_focalnet(module: nn.Module) -> FocalNet:
-    """The FocalNet inside ``module`` (its EMA copy when the task evaluates with one)."""
-    eval_model = getattr(module, "_eval_model", None)
-    if callable(eval_model):
-        candidate = eval_model()
-        if isinstance(candidate, FocalNet):
-            return candidate
+    """The FocalNet inside ``module``."""
     for sub in module.modules():
         if isinstance(sub, FocalNet):
             return sub

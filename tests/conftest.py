@@ -33,6 +33,12 @@ def make_coco_dataset(tmp_path_factory):
     return lambda categories: write_coco_dataset(tmp_path_factory.mktemp("coco"), categories)
 
 
+@pytest.fixture(scope="session")
+def small_coco(make_coco_dataset) -> Path:
+    """A 6 + 4 image COCO instances dataset (jpg + json, non-contiguous category ids 1 and 3)."""
+    return make_coco_dataset([(1, "red"), (3, "blue")])
+
+
 def write_coco_dataset(root: Path, categories: list[tuple[int, str]], sizes: tuple[int, int] = (6, 4)) -> Path:
     """A small COCO instances dataset under ``root`` (train2017 / val2017 jpgs and their jsons): 64x80
     images with 1-2 solid boxes each, one colour per category ``(id, name)``."""

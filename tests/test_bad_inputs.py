@@ -176,8 +176,7 @@ def test_zero_area_box(tmp_path: Path) -> None:
 def test_box_only_annotations_among_masks(tmp_path: Path) -> None:
     """Users' own data: boxes for every object, masks for some. Mask R-CNN trains (the mask head on the
     objects with a mask) and is evaluated (box-only objects are ignore regions for mask AP)."""
-    from test_coco_data import write_tiny_coco
-    from test_mask_rcnn import SMALL_IMAGES, tiny_detectron2
+    from helpers import SMALL_IMAGES, tiny_detectron2, write_tiny_coco
 
     from datamodules.coco import BoxOnlyAnnotationsWarning, COCODataModule
     from focalnet_pl.tasks.detection import DetectionTask

@@ -51,6 +51,38 @@ def test_plain_fit_is_quiet_then_test_finds_best(tmp_path: Path) -> None:
     assert "test/acc1" in tested.trainer.callback_metrics
 
 
+def test_arguments_the_user_gives_win_over_the_checkpoint(tmp_path: Path) -> None:
+    """With --ckpt_path, LightningCLI applies the checkpoint's hyper-parameters to the config; what the
+    --config files and the command line set wins, the checkpoint fills in the rest (classes from the data)."""
+    root = write_imagefolder(tmp_path / "data", n_per_class=2)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1, "logger": False,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path / "runs")},
+        "model": {"class_path": "focalnet_pl.tasks.ClassificationTask",
+                  "init_args": {"model_overrides": TINY, "lr_reference_batch": None, "log_samples": 0}},
+        "data": {"class_path": "datamodules.ImageNetDataModule",
+                 "init_args": {"root": str(root), "image_size": 32, "batch_size": 4, "num_workers": 0,
+                               "predict_root": str(root / "val")}},
+    }))
+    FocalNetCLI(args=["fit", "--config", str(config), "--model.init_args.predict_output_dir", str(tmp_path / "fit_out"),
+                      "--model.init_args.label_smoothing", "0.2"])
+    (ckpt,) = (tmp_path / "runs").glob("**/last.ckpt")
+    saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert saved["predict_output_dir"] == str(tmp_path / "fit_out") and saved["warmup_epochs"] == 20.0
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"model": {"init_args": {"warmup_epochs": 3.0}}}))
+    predicted = FocalNetCLI(args=[
+        "predict", "--config", str(config), "--config", str(extra), "--ckpt_path", str(ckpt),
+        "--model.init_args.predict_output_dir", str(tmp_path / "typed_out"), "--model.init_args.predict_draw", "false",
+    ])
+    assert (tmp_path / "typed_out" / "predictions.json").is_file() and not (tmp_path / "fit_out").exists()
+    hparams = predicted.model.hparams
+    assert hparams.warmup_epochs == 3.0 and hparams.predict_draw is False  # --config file, command line
+    assert hparams.label_smoothing == 0.2 and hparams.class_names == ["bright", "dark"]  # from the checkpoint
+
+
 def test_predict_keeps_no_outputs_in_memory_by_default(tmp_path: Path, capsys) -> None:
     """The writers write the predictions; ``return_predictions`` would hold every output of the run."""
     config = tmp_path / "tiny.yaml"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -238,12 +237,6 @@ def test_official_optimizer_decays_every_parameter():
 
 
 # ---- every DINO config, a few steps through the command line ---------------------------------------------
-@pytest.fixture(scope="module")
-def small_coco(make_coco_dataset) -> Path:
-    """A 6 + 4 image COCO instances dataset (jpg + json, non-contiguous category ids 1 and 3)."""
-    return make_coco_dataset([(1, "red"), (3, "blue")])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dino_focalnet_t", "dino_focalnet_l", "dino_focalnet_l_fl3", "dino_focalnet_h",
                                   "demo/dino_shapes"])

@@ -1,4 +1,5 @@
-"""Fault tolerance: SIGKILL mid-epoch + ``--ckpt_path last`` == uninterrupted run; atomic checkpoint writes."""
+"""Fault tolerance: SIGKILL mid-epoch + ``--ckpt_path last`` == uninterrupted run (weights and their EMA);
+atomic checkpoint writes."""
 from __future__ import annotations
 
 import csv
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from datamodules.loading import GuardedDataset, GuardedLoader, ResumableSampler
+from focalnet_pl.ema import EMA_STATE_KEY, TRAINED_STATE_KEY
 from focalnet_pl.io import atomic_torch_save
 from focalnet_pl.reliability import AtomicCheckpointIO
 from focalnet_pl.weights import CheckpointError
@@ -76,6 +78,7 @@ def _config(tmp_path: Path, log_dir: Path) -> Path:
             cutmix_alpha: 0.0
             checkpoint_every_n_steps: 1
             log_samples: 0
+            ema_decay: 0.9
         data:
           class_path: datamodules.ImageNetDataModule
           init_args:
@@ -154,9 +157,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path)
     assert final_straight["global_step"] == final_resumed["global_step"] == 2 * STEPS_PER_EPOCH
     weights = [name for name in final_straight["state_dict"] if name.startswith("model.")]
     assert weights
-    for name in weights:
-        torch.testing.assert_close(final_resumed["state_dict"][name], final_straight["state_dict"][name],
-                                   rtol=0, atol=1e-6, msg=name)
+    for entry in ("state_dict", TRAINED_STATE_KEY):  # the EMA weights, the trained ones
+        for name in weights:
+            torch.testing.assert_close(final_resumed[entry][name], final_straight[entry][name],
+                                       rtol=0, atol=1e-6, msg=f"{entry}: {name}")
+    assert final_resumed[EMA_STATE_KEY] == final_straight[EMA_STATE_KEY] == {"updates": 2 * STEPS_PER_EPOCH, "updated_at_step": 2 * STEPS_PER_EPOCH}
     straight_val, resumed_val = _val_rows(straight)[-1], _val_rows(killed)[-1]
     for key in ("val/acc1", "val/acc5", "val/loss"):
         assert abs(float(straight_val[key]) - float(resumed_val[key])) <= 1e-6, key

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from test_classification import TINY
+from helpers import TINY
 
 from focalnet_pl.tasks import ClassificationTask
 from focalnet_pl.tasks.detection import DetectionTask

@@ -16,6 +16,7 @@ from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 from focalnet_pl.dino.denoising import DenoisingMeta
 from focalnet_pl.dino.matcher import HungarianMatcher
 from focalnet_pl.matching import average_num_targets, indices_to_device
+from focalnet_pl.layers.precision import run_in_float32
 
 Prediction = dict[str, Tensor]  # "pred_logits" (B, Q, K), "pred_boxes" (B, Q, 4)
 
@@ -61,6 +62,7 @@ class SetCriterion(nn.Module):
     def _weighted(self, losses: dict[str, Tensor], suffix: str) -> dict[str, Tensor]:
         return {f"{name}{suffix}": value * self.weights[name] for name, value in losses.items()}
 
+    @run_in_float32
     def forward(
         self,
         outputs: Prediction,
@@ -71,7 +73,8 @@ class SetCriterion(nn.Module):
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
         """Losses of the final layer (no suffix), ``aux_outputs[i]`` (``_i``), the encoder proposals
-        (``_interm``) and the denoising queries of every layer (``_dn`` last layer, ``_dn_i``).
+        (``_interm``) and the denoising queries of every layer (``_dn`` last layer, ``_dn_i``), in float32
+        (autocast off: matching costs, focal and box losses and their sums).
 
         All prediction sets are matched at once (one device-to-host copy of their cost matrices) and the
         matched indices of all sets, denoising included, go to the device in one asynchronous copy.

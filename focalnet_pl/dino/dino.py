@@ -17,6 +17,7 @@ from focalnet_pl.dino.denoising import DenoisingQueries, make_denoising_queries
 from focalnet_pl.dino.matcher import HungarianMatcher
 from focalnet_pl.dino.transformer import DeformableTransformer, TransformerOutput
 from focalnet_pl.layers import MLP, DINOSinePositionEmbedding, PixelNormalization, group_norm
+from focalnet_pl.layers.precision import autocast_off, float32
 
 __all__ = ["DINO"]
 
@@ -255,14 +256,16 @@ class DINO(nn.Module):
                   image_sizes: list[tuple[int, int]]) -> list[dict[str, Instances]]:
         """Top-k (query, class) pairs per image, boxes scaled to the requested output size (``height`` x
         ``width``, default the input size); as the official DINO ``PostProcess``, boxes are neither
-        clipped to the image nor filtered."""
-        probabilities = prediction["pred_logits"].sigmoid().flatten(1)
-        num_classes = prediction["pred_logits"].shape[-1]
-        scores, flat_index = probabilities.topk(min(self.num_select, probabilities.shape[1]), dim=1)
-        query_index = flat_index // num_classes
-        labels = flat_index % num_classes
-        boxes = box_convert(prediction["pred_boxes"], "cxcywh", "xyxy")
-        boxes = boxes.gather(1, query_index[..., None].expand(-1, -1, 4))
+        clipped to the image nor filtered. Scores and boxes in float32 (bfloat16 scores would tie)."""
+        logits, boxes = float32((prediction["pred_logits"], prediction["pred_boxes"]))
+        with autocast_off(logits.device):
+            probabilities = logits.sigmoid().flatten(1)
+            num_classes = logits.shape[-1]
+            scores, flat_index = probabilities.topk(min(self.num_select, probabilities.shape[1]), dim=1)
+            query_index = flat_index // num_classes
+            labels = flat_index % num_classes
+            boxes = box_convert(boxes, "cxcywh", "xyxy")
+            boxes = boxes.gather(1, query_index[..., None].expand(-1, -1, 4))
         results = []
         for index, (inputs, (height, width)) in enumerate(zip(batched_inputs, image_sizes)):
             output_size = (int(inputs.get("height", height)), int(inputs.get("width", width)))

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from focalnet_pl.layers.precision import run_in_float32
 from focalnet_pl.matching import assign
 
 
@@ -67,12 +68,13 @@ class HungarianMatcher(nn.Module):
         return self.match_sets([(pred_logits, pred_boxes)], targets)[0]
 
     @torch.no_grad()
+    @run_in_float32
     def match_sets(
         self, predictions: Sequence[tuple[Tensor, Tensor]], targets: list[dict[str, Tensor]]
     ) -> list[list[tuple[Tensor, Tensor]]]:
         """Match each ``(pred_logits (B, Q, K), pred_boxes (B, Q, 4))`` of ``predictions`` to the same targets.
 
-        The cost matrices of all sets are computed on the predictions' device (sets of one shape stacked,
+        The cost matrices of all sets are computed in float32 on the predictions' device (sets of one shape stacked,
         one batched computation per image) and copied to the host together: one device sync for all.
         Returns ``[set][image] -> (query_indices, target_indices)``.
         """

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from focalnet_pl.layers.precision import autocast_off, float32, run_in_float32
 from focalnet_pl.matching import to_device_async
 
 __all__ = [
@@ -243,7 +244,8 @@ def ms_deform_attn_sample(
 ) -> Tensor:
     """Multi-scale deformable sampling; dispatches to the registered fused kernel when it accepts the input.
 
-    Shapes as in :func:`ms_deform_attn_sample_pytorch`. ``use_fused=False`` forces the PyTorch path.
+    Shapes as in :func:`ms_deform_attn_sample_pytorch`. ``use_fused=False`` forces the PyTorch path, which
+    computes in float32 at least (autocast off) and returns ``value``'s dtype, as the fused kernels do.
     """
     _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
     kernel = _fused_kernel
@@ -251,7 +253,9 @@ def ms_deform_attn_sample(
         if level_start_index is None:
             level_start_index = level_starts(spatial_shapes)
         return kernel.fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return ms_deform_attn_sample_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+    with autocast_off(value.device):  # bilinear sampling and the weighted sum in float32 (or float64)
+        output = ms_deform_attn_sample_pytorch(*float32((value, spatial_shapes, sampling_locations, attention_weights)))
+    return output.to(value.dtype)
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -311,6 +315,8 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(
                 f"reference_points must be (B={batch}, Q={queries}, L={levels}, 2|4), got {tuple(reference_points.shape)}"
             )
+        if reference_points.shape[-1] not in (2, 4):
+            raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
 
         value = self.value_proj(value)
         if value_padding_mask is not None:
@@ -318,18 +324,24 @@ class MultiScaleDeformableAttention(nn.Module):
         value = value.view(batch, length, heads, self.embed_dim // heads)
 
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
-        weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
-
-        if reference_points.shape[-1] == 2:
-            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], dim=-1).to(offsets.dtype)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        elif reference_points.shape[-1] == 4:
-            centers = reference_points[:, :, None, :, None, :2]
-            sizes = reference_points[:, :, None, :, None, 2:]
-            locations = centers + offsets / points * sizes * 0.5
-        else:
-            raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
-
+        weight_logits = self.attention_weights(query).view(batch, queries, heads, levels * points)
+        locations, weights = _locations_and_weights(reference_points, spatial_shapes, offsets, weight_logits)
         output = ms_deform_attn_sample(value, spatial_shapes, locations, weights, level_start_index)
         return self.output_proj(output)
+
+
+@run_in_float32
+def _locations_and_weights(reference_points: Tensor, spatial_shapes: Tensor, offsets: Tensor,
+                           weight_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Sampling locations ``(B, Q, heads, L, P, 2)`` and attention weights ``(B, Q, heads, L, P)``, in float32
+    (in bfloat16 a location in ``[0, 1]`` is off by up to 1/512 of the map: a pixel of a 512-wide level)."""
+    batch, queries, heads, levels, points, _ = offsets.shape
+    weights = weight_logits.softmax(-1).view(batch, queries, heads, levels, points)
+    if reference_points.shape[-1] == 2:
+        normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], dim=-1).to(offsets.dtype)
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    else:
+        centers = reference_points[:, :, None, :, None, :2]
+        sizes = reference_points[:, :, None, :, None, 2:]
+        locations = centers + offsets / points * sizes * 0.5
+    return locations, weights

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from focalnet_pl.layers.precision import run_in_float32
 from focalnet_pl.mask2former.matcher import HungarianMaskMatcher
 from focalnet_pl.mask2former.point_sampling import draw_point_candidates, point_sample, sample_uncertain_points
 from focalnet_pl.matching import average_num_targets, indices_to_device
@@ -79,8 +80,10 @@ class MaskSetCriterion(nn.Module):
             "loss_dice": dice_loss(prediction_points, target_points, num_masks),
         }
 
+    @run_in_float32
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """``outputs``: ``pred_logits`` (B, Q, K+1), ``pred_masks`` (B, Q, H, W), ``aux_outputs`` list of the same.
+        Computed in float32 (autocast off: matching costs, cross-entropy, point-sampled BCE and dice).
 
         All layers are matched at once (one device-to-host copy of their cost matrices) and their matched
         indices go to the device in one asynchronous copy. The random points are drawn first, in the order

@@ -20,6 +20,7 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import Tensor, nn
 
 from focalnet_pl.layers import PixelNormalization
+from focalnet_pl.layers.precision import run_in_float32
 from focalnet_pl.mask2former.criterion import MaskSetCriterion
 from focalnet_pl.mask2former.matcher import HungarianMaskMatcher
 from focalnet_pl.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
@@ -28,12 +29,14 @@ from focalnet_pl.mask2former.transformer_decoder import MaskedAttentionDecoder
 __all__ = ["Mask2Former", "semantic_inference", "panoptic_inference", "instance_inference"]
 
 
+@run_in_float32
 def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
     """(Q, K+1), (Q, H, W) -> (K, H, W) per-class scores: sum over queries of p(class) * mask probability."""
     class_probabilities = class_logits.softmax(-1)[:, :-1]
     return torch.einsum("qk,qhw->khw", class_probabilities, mask_logits.sigmoid())
 
 
+@run_in_float32
 def panoptic_inference(
     class_logits: Tensor,
     mask_logits: Tensor,
@@ -80,6 +83,7 @@ def panoptic_inference(
     return segment_map, segments
 
 
+@run_in_float32
 def instance_inference(
     class_logits: Tensor, mask_logits: Tensor, max_detections: int, thing_class_ids: set[int] | None = None
 ) -> Instances:
@@ -253,7 +257,7 @@ class Mask2Former(nn.Module):
             return self.criterion(outputs, self._targets(batched_inputs, tuple(images.tensor.shape[-2:])))
 
         mask_logits = F.interpolate(
-            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+            outputs["pred_masks"].float(), size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
         )
         results = []
         per_image = zip(outputs["pred_logits"], mask_logits, batched_inputs, images.image_sizes)

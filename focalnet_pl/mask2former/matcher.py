@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from focalnet_pl.layers.precision import run_in_float32
 from focalnet_pl.mask2former.point_sampling import point_sample
 from focalnet_pl.matching import assign
 
@@ -66,12 +67,13 @@ class HungarianMaskMatcher(nn.Module):
         return self.match_sets([(pred_logits, pred_masks)], targets)[0]
 
     @torch.no_grad()
+    @run_in_float32
     def match_sets(
         self, predictions: Sequence[tuple[Tensor, Tensor]], targets: list[dict[str, Tensor]],
         points: Sequence[list[Tensor | None]] | None = None,
     ) -> list[list[tuple[Tensor, Tensor]]]:
         """Match several ``(pred_logits, pred_masks)`` sets (the decoder layers) to the same targets, with one
-        device-to-host copy for all cost matrices. ``points[set]`` are the sets' :meth:`draw_points` (drawn
+        device-to-host copy for all cost matrices (computed in float32). ``points[set]`` are the sets' :meth:`draw_points` (drawn
         here, set by set, when not given). Returns ``[set][image] -> (query_indices, target_indices)``."""
         costs, names, slots = [], [], []
         for set_index, (pred_logits, pred_masks) in enumerate(predictions):

@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from focalnet_pl.ema import ModelEMA
+
 
 def is_lightning_default_checkpoint(callback: Callback) -> bool:
     """Whether ``callback`` is the ``ModelCheckpoint()`` Lightning adds itself when none was given.
@@ -25,13 +27,15 @@ def is_lightning_default_checkpoint(callback: Callback) -> bool:
 
 
 def default_task_callbacks(trainer: L.Trainer, monitor: str, mode: Literal["max", "min"] = "max",
-                           checkpoint_every_n_steps: int | None = None, log_samples: int = 0) -> list[Callback]:
+                           checkpoint_every_n_steps: int | None = None, log_samples: int = 0,
+                           ema_decay: float | None = None) -> list[Callback]:
     """What a task adds to ``trainer``'s callbacks: only the kinds the user did not configure.
 
     * ``ModelCheckpoint`` keeping the best ``monitor`` and ``last.ckpt``, in place of the placeholder
       ``ModelCheckpoint()`` Lightning adds when the user gave none; a user's ``ModelCheckpoint`` (e.g.
       the one of a YAML config) is kept as it is;
     * :class:`LastCheckpointEveryNSteps` with ``checkpoint_every_n_steps`` (mid-epoch resume);
+    * :class:`~focalnet_pl.ema.ModelEMA` with ``ema_decay`` (a configured ``ModelEMA`` takes its place);
     * ``LearningRateMonitor`` when a logger is present; :class:`SamplePredictionLogger` with
       ``log_samples``; :class:`RandomStateCheckpoint` (resumed runs continue the same random stream).
 
@@ -52,6 +56,8 @@ def default_task_callbacks(trainer: L.Trainer, monitor: str, mode: Literal["max"
         ))
     if checkpoint_every_n_steps and checkpoints and LastCheckpointEveryNSteps not in present:
         callbacks.append(LastCheckpointEveryNSteps(checkpoint_every_n_steps))
+    if ema_decay is not None and not any(isinstance(c, ModelEMA) for c in trainer.callbacks):
+        callbacks.append(ModelEMA(decay=ema_decay))
     if trainer.loggers and LearningRateMonitor not in present:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if log_samples and SamplePredictionLogger not in present:

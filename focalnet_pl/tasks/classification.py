@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch.optim.lr_scheduler import LambdaLR
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings, require_task_checkpoint
 from focalnet_pl.distributed import maybe_fully_shard
+from focalnet_pl.ema import continue_from_trained_weights
 from focalnet_pl.focalnet import FocalNet, FocalNetBlock, create_focalnet
 from focalnet_pl.labels import class_names_from_file, imagenet_class_names
 from focalnet_pl.optim import lr_factor, param_groups
@@ -53,7 +53,8 @@ class ClassificationTask(L.LightningModule):
         warmup_epochs, warmup_lr, min_lr: schedule (per optimizer step).
         label_smoothing, mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: regularisation
             (``alpha = 0`` disables that one; both 0 disable mixing).
-        ema_decay: keep an exponential moving average of the weights and evaluate with it.
+        ema_decay: keep an exponential moving average of the weights with this decay, validate, test,
+            predict, checkpoint and export it (:class:`focalnet_pl.ema.ModelEMA`); ``None``: off.
         grad_checkpointing: activation checkpointing in every block.
         class_names: the name of each class, or a file with one per line; by default the
             datamodule's, else the ImageNet-1K/22K names for a 1000/21842-class head (from timm's
@@ -101,7 +102,6 @@ class ClassificationTask(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model: FocalNet | None = None
-        self.ema: AveragedModel | None = None
         self.loss_guard = NonFiniteLossGuard(on_nonfinite_loss)
         self._names: list[str] | None = None  # class names for predict, read once per predict epoch
         if num_classes is not None:
@@ -135,9 +135,6 @@ class ClassificationTask(L.LightningModule):
             hp.variant, num_classes=num_classes, weights=hp.weights,
             grad_checkpointing=hp.grad_checkpointing, **(hp.model_overrides or {}),
         )
-        if hp.ema_decay:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
-            self.ema.requires_grad_(False)
         k = min(5, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_acc.persistent(True)  # a mid-epoch resume continues the epoch's accuracy
@@ -175,17 +172,14 @@ class ClassificationTask(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def _eval_model(self) -> torch.nn.Module:
-        return self.ema.module if self.ema is not None else self.model
-
     def onnx_export_spec(self) -> OnnxExportSpec:
         """``cli.py export --format onnx``: normalised RGB images ``(batch, 3, height, width)`` of any
-        size -> ``logits (batch, classes)``, from the evaluation (EMA when kept) weights."""
+        size -> ``logits (batch, classes)``."""
         from focalnet_pl.export import OnnxExportSpec
 
         names = self.hparams.class_names
         return OnnxExportSpec(
-            module=self._eval_model(),
+            module=self.model,
             example_inputs=(torch.randn(2, 3, 96, 128),),
             input_names=["images"],
             output_names=["logits"],
@@ -210,13 +204,9 @@ class ClassificationTask(L.LightningModule):
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(images))
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         images, labels = batch[0], batch[1]
-        logits = self._eval_model()(images)
+        logits = self.model(images)
         loss = F.cross_entropy(logits, labels)
         acc1, acc5 = getattr(self, f"{stage}_acc1"), getattr(self, f"{stage}_acc5")
         acc1(logits, labels)
@@ -234,7 +224,7 @@ class ClassificationTask(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict]:
         images, paths = batch[0], batch[1]
-        probs = self._eval_model()(images).softmax(-1)
+        probs = self.model(images).softmax(-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
         names = self._names
         results = []
@@ -252,7 +242,7 @@ class ClassificationTask(L.LightningModule):
         """Validation images with their top-5 predictions and true label drawn (for :class:`SamplePredictionLogger`)."""
         images, labels = batch[0][:max_images], batch[1][:max_images]
         with torch.no_grad():
-            probs = self._eval_model()(images).softmax(-1)
+            probs = self.model(images).softmax(-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
         names = self.class_name_list()
         data = self._data()
@@ -278,6 +268,7 @@ class ClassificationTask(L.LightningModule):
         """Refuse a checkpoint of another architecture (naming every difference); checkpoints written
         before the training accuracy was persistent load with a fresh accumulator."""
         require_task_checkpoint(checkpoint, "model.init_args.weights")
+        continue_from_trained_weights(self._trainer, checkpoint)
         if self.model is not None:
             check_architecture(checkpoint.get(ARCHITECTURE_KEY), self.architecture())
         state = checkpoint.get("state_dict")
@@ -286,11 +277,7 @@ class ClassificationTask(L.LightningModule):
                 state.setdefault(key, value)
 
     def _predict_dir(self) -> Path:
-        """``predict_output_dir``, else ``<trainer.default_root_dir>/predictions``.
-
-        (With ``--ckpt_path``, LightningCLI takes the model arguments from the checkpoint, so a
-        ``predict_output_dir`` given on the command line is replaced by the checkpoint's.)
-        """
+        """``predict_output_dir``, else ``<trainer.default_root_dir>/predictions``."""
         if self.hparams.predict_output_dir:
             return Path(self.hparams.predict_output_dir)
         return Path(self.trainer.default_root_dir) / "predictions"
@@ -336,5 +323,5 @@ class ClassificationTask(L.LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         hp = self.hparams
         return default_task_callbacks(self.trainer, hp.monitor, hp.monitor_mode, hp.checkpoint_every_n_steps,
-                                      hp.log_samples)
+                                      hp.log_samples, hp.ema_decay)
 

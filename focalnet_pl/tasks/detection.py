@@ -38,6 +38,7 @@ from focalnet_pl.d2.config import NUM_CLASSES_KEYS, build_detectron2_cfg, get_do
 from focalnet_pl.d2.partial_masks import train_masks_where_annotated
 from focalnet_pl.detector_weights import DetectorLoadReport, load_detector_weights
 from focalnet_pl.distributed import maybe_fully_shard
+from focalnet_pl.ema import continue_from_trained_weights
 from focalnet_pl.evaluation import DatasetEvaluators, build_evaluators, format_metrics_table, summary_metrics
 from focalnet_pl.focalnet import FocalNetBlock
 from focalnet_pl.optim import lr_factor as schedule_factor
@@ -116,6 +117,8 @@ class DetectionTask(L.LightningModule):
         monitor, monitor_mode: metric (and whether higher is better) of the default ``ModelCheckpoint``,
             used when the trainer has no ``ModelCheckpoint`` of its own; ``None``: ``val/PQ`` for
             panoptic outputs, ``val/mIoU`` for semantic ones, else ``val/AP`` (boxes).
+        ema_decay: keep an exponential moving average of the weights with this decay, validate, test,
+            predict, checkpoint and export it (:class:`focalnet_pl.ema.ModelEMA`); ``None``: off.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class DetectionTask(L.LightningModule):
         weights: str | None = None,
         monitor: str | None = None,
         monitor_mode: Literal["max", "min"] = "max",
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -273,7 +277,7 @@ class DetectionTask(L.LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         hp = self.hparams
         callbacks = default_task_callbacks(self.trainer, self.monitor_metric, hp.monitor_mode,
-                                           hp.checkpoint_every_n_steps, hp.log_samples)
+                                           hp.checkpoint_every_n_steps, hp.log_samples, hp.ema_decay)
         if self.trainer.state.fn == "predict":
             callbacks += self._prediction_writers()
         return callbacks
@@ -332,6 +336,7 @@ class DetectionTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         require_task_checkpoint(checkpoint, "model.init_args.weights (MODEL.WEIGHTS)")
+        continue_from_trained_weights(self._trainer, checkpoint)
         info = checkpoint.get("detection")
         if not isinstance(info, dict):
             raise ValueError("not a DetectionTask checkpoint (no 'detection' entry)")

@@ -55,6 +55,7 @@ class SegmentationTask(DetectionTask):
         weights: str | None = None,
         monitor: str | None = None,
         monitor_mode: Literal["max", "min"] = "max",
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             detectron2=detectron2, lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay,
@@ -63,7 +64,7 @@ class SegmentationTask(DetectionTask):
             lr_decay_epochs=lr_decay_epochs, lr_decay_factor=lr_decay_factor, warmup_iters=warmup_iters,
             warmup_factor=warmup_factor, score_threshold=score_threshold, overlay_alpha=overlay_alpha, predict_output_dir=predict_output_dir, on_nonfinite_loss=on_nonfinite_loss,
             checkpoint_every_n_steps=checkpoint_every_n_steps, log_samples=log_samples, weights=weights,
-            monitor=monitor, monitor_mode=monitor_mode,
+            monitor=monitor, monitor_mode=monitor_mode, ema_decay=ema_decay,
         )
         if self.meta_architecture != "Mask2Former":
             raise ValueError(f"SegmentationTask trains Mask2Former; the config builds {self.meta_architecture!r}")
