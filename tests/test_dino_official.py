@@ -44,6 +44,7 @@ def dino_config(entry: dict, num_classes: int, **dino) -> dict:
     in_features = ["res2", "res3", "res4", "res5"][4 - len(args.return_interm_indices):]
     return {"INPUT": {"FORMAT": "RGB"}, "MODEL": {
         "META_ARCHITECTURE": "DINO", "DEVICE": "cpu", "BACKBONE": {"NAME": "build_focalnet_backbone"},
+        "MASK_PADDING": False,  # the official DINO computes on the padding
         # the official ToTensor + Normalize in 0-255 units
         "PIXEL_MEAN": [123.675, 116.28, 103.53], "PIXEL_STD": [58.395, 57.12, 57.375],
         "FOCALNET": {
