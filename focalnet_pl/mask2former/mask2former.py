@@ -19,6 +19,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from focalnet_pl.layers import downsample_mask, padding_mask, replicate_padding
 from focalnet_pl.mask2former.criterion import MaskSetCriterion
 from focalnet_pl.mask2former.matcher import HungarianMaskMatcher
 from focalnet_pl.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
@@ -106,7 +107,13 @@ def instance_inference(
 
 @META_ARCH_REGISTRY.register()
 class Mask2Former(nn.Module):
-    """Backbone -> deformable pixel decoder -> masked-attention decoder, with set-prediction losses."""
+    """Backbone -> deformable pixel decoder -> masked-attention decoder, with set-prediction losses.
+
+    ``mask_padding`` (``MODEL.MASK_PADDING``): the padding of batched images is masked in the backbone,
+    the pixel decoder (GroupNorm statistics, position embeddings, deformable attention, upsampling), the
+    decoder's attention and the upsampling of the mask logits, so that each image's result does not
+    depend on its batch. The official Mask2Former computes on the padding (False).
+    """
 
     @configurable
     def __init__(
@@ -129,6 +136,7 @@ class Mask2Former(nn.Module):
         overlap_threshold: float,
         detections_per_image: int,
         resize_before_inference: bool = False,
+        mask_padding: bool = False,
     ) -> None:
         super().__init__()
         if not (semantic_on or instance_on or panoptic_on):
@@ -148,6 +156,7 @@ class Mask2Former(nn.Module):
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
         self.detections_per_image = detections_per_image
+        self.mask_padding = mask_padding
         # resize the mask logits to the output size before combining them (always for panoptic / instance
         # outputs); otherwise semantic scores are combined at the input size, then resized
         self.resize_before_inference = resize_before_inference or panoptic_on or instance_on
@@ -221,6 +230,7 @@ class Mask2Former(nn.Module):
             "overlap_threshold": node.TEST.OVERLAP_THRESHOLD,
             "detections_per_image": node.TEST.DETECTIONS_PER_IMAGE,
             "resize_before_inference": node.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
+            "mask_padding": cfg.MODEL.MASK_PADDING,
         }
 
     @property
@@ -245,8 +255,17 @@ class Mask2Former(nn.Module):
         """Training: weighted losses. Inference: one result dict per input (see module docstring)."""
         images = [(record["image"].to(self.device) - self.pixel_mean) / self.pixel_std for record in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
-        mask_features, multi_scale_features = self.pixel_decoder(self.backbone(images.tensor))
-        outputs = self.transformer_decoder(multi_scale_features, mask_features)
+        if self.mask_padding:
+            mask = padding_mask(images.image_sizes, *images.tensor.shape[-2:], device=self.device)
+            mask_features, multi_scale_features = self.pixel_decoder(self.backbone(images.tensor, mask), mask)
+            level_masks = self.pixel_decoder.level_masks(mask)
+            decoder_masks = [level_masks[name] for name in self.pixel_decoder.transformer_features]
+            outputs = self.transformer_decoder(
+                multi_scale_features, mask_features, decoder_masks[: self.pixel_decoder.num_output_levels]
+            )
+        else:
+            mask_features, multi_scale_features = self.pixel_decoder(self.backbone(images.tensor))
+            outputs = self.transformer_decoder(multi_scale_features, mask_features)
 
         if self.training:
             if not self.deep_supervision:
@@ -254,9 +273,10 @@ class Mask2Former(nn.Module):
             losses = self.criterion(outputs, self._targets(batched_inputs, tuple(images.tensor.shape[-2:])))
             return {name: value * self.criterion.weight_dict[name] for name, value in losses.items()}
 
-        mask_logits = F.interpolate(
-            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
-        )
+        mask_logits = outputs["pred_masks"]
+        if self.mask_padding:  # the upsampling reads the border value at the image's edge, not the padding
+            mask_logits = replicate_padding(mask_logits, downsample_mask(mask, self.pixel_decoder.mask_stride))
+        mask_logits = F.interpolate(mask_logits, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
         results = []
         per_image = zip(outputs["pred_logits"], mask_logits, batched_inputs, images.image_sizes)
         for class_logits, masks, record, image_size in per_image:

@@ -3,6 +3,9 @@
 The coarsest feature maps (by default res3-res5) are projected to a common width and refined jointly
 by a stack of deformable-attention encoder layers (:class:`focalnet_pl.layers.MultiScaleDeformableAttention`);
 the finer maps (res2) join through an FPN-style top-down path that ends in the per-pixel mask embedding.
+
+Given the padding mask of the batch, every step computes as for each image alone (see
+:mod:`focalnet_pl.layers.padding`); without it, as the official decoder, on the padding too.
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
-from focalnet_pl.layers import MaskFormerSinePositionEmbedding, MultiScaleDeformableAttention, spatial_shapes_tensor
+from focalnet_pl.dino.transformer import DeformableTransformer
+from focalnet_pl.layers import (
+    MaskFormerSinePositionEmbedding,
+    MultiScaleDeformableAttention,
+    downsample_mask,
+    masked_group_norm,
+    replicate_padding,
+    spatial_shapes_tensor,
+    zero_padding,
+)
 
 __all__ = ["MSDeformAttnPixelDecoder", "group_norm"]
 
@@ -35,24 +47,11 @@ class DeformableEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor, level_start: Tensor) -> Tensor:
-        attended = self.attention(src + pos, reference_points, src, spatial_shapes, level_start)
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor, level_start: Tensor,
+                padding_mask: Tensor | None = None) -> Tensor:
+        attended = self.attention(src + pos, reference_points, src, spatial_shapes, level_start, padding_mask)
         src = self.norm1(src + self.dropout(attended))
         return self.norm2(src + self.dropout(self.ffn(src)))
-
-
-def _encoder_reference_points(spatial_shapes: list[tuple[int, int]], batch: int, device: torch.device) -> Tensor:
-    """Normalised pixel centres of every level, repeated for each level: (B, S, L, 2)."""
-    points = []
-    for height, width in spatial_shapes:
-        y, x = torch.meshgrid(
-            (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height,
-            (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width,
-            indexing="ij",
-        )
-        points.append(torch.stack([x.flatten(), y.flatten()], -1))
-    reference = torch.cat(points, 0)
-    return reference[None, :, None, :].expand(batch, -1, len(spatial_shapes), -1)
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
@@ -82,6 +81,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.fpn_features = [name for name, shape in ordered
                              if name not in transformer_in_features and shape.stride >= common_stride]
         self.num_output_levels = min(num_output_levels, len(self.transformer_features))
+        self.strides = {name: shape.stride for name, shape in input_shape.items()}
+        #: stride of the mask features (the finest level)
+        self.mask_stride = self.strides[(self.fpn_features or self.transformer_features)[-1]]
         self.input_projections = nn.ModuleList(
             nn.Sequential(nn.Conv2d(input_shape[name].channels, conv_dim, 1), group_norm(conv_dim))
             for name in self.transformer_features
@@ -112,36 +114,57 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.mask_dim = mask_dim
         self.conv_dim = conv_dim
 
-    def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def level_masks(self, padding_mask: Tensor | None) -> dict[str, Tensor | None]:
+        """The padding mask of every input level (None without a mask)."""
+        return {name: None if padding_mask is None else downsample_mask(padding_mask, stride)
+                for name, stride in self.strides.items()}
+
+    def forward(self, features: dict[str, Tensor], padding_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """Backbone features -> (mask_features, multi-scale maps ordered coarse to fine), always computed
-        in float32 (autocast off, as in the official code: deformable attention is not run in half precision)."""
+        in float32 (autocast off, as in the official code: deformable attention is not run in half precision).
+        ``padding_mask (B, H, W)``, True at padding: computed as for each image alone (mask features zero at
+        padding); None: on the padding too (the official decoder)."""
         device_type = next(iter(features.values())).device.type
         with torch.autocast(device_type, enabled=False):
-            return self._forward_float32({name: value.float() for name, value in features.items()})
+            return self._forward_float32({name: value.float() for name, value in features.items()},
+                                         self.level_masks(padding_mask))
 
-    def _forward_float32(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def _forward_float32(self, features: dict[str, Tensor], masks: dict[str, Tensor | None]) -> tuple[Tensor, list[Tensor]]:
         sources, positions, shapes = [], [], []
         for level, (name, projection) in enumerate(zip(self.transformer_features, self.input_projections)):
-            projected = projection(features[name])
+            projected = masked_group_norm(projection[0](features[name]), projection[1], masks[name])
             shapes.append(tuple(projected.shape[-2:]))
             sources.append(projected.flatten(2).transpose(1, 2))
-            positions.append(self.position_encoding(projected).flatten(2).transpose(1, 2) + self.level_embed[level])
+            position = self.position_encoding(projected, masks[name])
+            positions.append(position.flatten(2).transpose(1, 2) + self.level_embed[level])
         src = torch.cat(sources, 1)
         pos = torch.cat(positions, 1)
-        device = src.device
+        batch, device = src.shape[0], src.device
         spatial_shapes = spatial_shapes_tensor(shapes, device)
         areas = spatial_shapes.prod(1)
         level_start = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-        reference_points = _encoder_reference_points(shapes, src.shape[0], device).to(src.dtype)
+        transformer_masks = [masks[name] for name in self.transformer_features]
+        if transformer_masks[0] is None:
+            value_mask = None
+            valid_ratios = src.new_ones(batch, len(shapes), 2)
+        else:
+            value_mask = torch.cat([mask.flatten(1) for mask in transformer_masks], 1)
+            valid_ratios = torch.stack([DeformableTransformer.valid_ratios(mask) for mask in transformer_masks], 1)
+        reference_points = DeformableTransformer.encoder_reference_points(spatial_shapes, valid_ratios).to(src.dtype)
         for layer in self.encoder_layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start)
+            src = layer(src, pos, reference_points, spatial_shapes, level_start, value_mask)
 
         outputs = [
-            chunk.transpose(1, 2).reshape(src.shape[0], -1, height, width)
+            chunk.transpose(1, 2).reshape(batch, -1, height, width)
             for chunk, (height, width) in zip(src.split([h * w for h, w in shapes], 1), shapes)
         ]
+        previous_mask = transformer_masks[-1]
         for name, lateral, output_conv in zip(self.fpn_features, self.lateral_convs, self.output_convs):
-            lateral_features = lateral(features[name])
-            upsampled = F.interpolate(outputs[-1], size=lateral_features.shape[-2:], mode="bilinear", align_corners=False)
-            outputs.append(output_conv(lateral_features + upsampled))
-        return self.mask_features(outputs[-1]), outputs[: self.num_output_levels]
+            mask = masks[name]
+            lateral_features = masked_group_norm(lateral[0](features[name]), lateral[1], mask)
+            upsampled = F.interpolate(replicate_padding(outputs[-1], previous_mask), size=lateral_features.shape[-2:],
+                                      mode="bilinear", align_corners=False)
+            convolved = output_conv[0](zero_padding(lateral_features + upsampled, mask))
+            outputs.append(output_conv[2](masked_group_norm(convolved, output_conv[1], mask)))
+            previous_mask = mask
+        return zero_padding(self.mask_features(outputs[-1]), previous_mask), outputs[: self.num_output_levels]
