@@ -169,11 +169,14 @@ class DINO(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def normalize(self, image: Tensor) -> Tensor:
+        """``(..., C, H, W)`` pixels in ``MODEL.PIXEL_MEAN`` units -> the normalised input, in the weights' dtype."""
+        dtype = self.input_proj[0][0].weight.dtype
+        return (image.to(self.device, dtype, non_blocking=True) - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
+
     def preprocess_image(self, batched_inputs: list[dict]) -> tuple[ImageList, Tensor]:
         """Normalise, pad into one batch; returns the ImageList and the (B, H, W) padding mask (True = pad)."""
-        dtype = self.input_proj[0][0].weight.dtype
-        mean, std = self.pixel_mean.to(dtype), self.pixel_std.to(dtype)
-        images = [(x["image"].to(self.device, dtype, non_blocking=True) - mean) / std for x in batched_inputs]
+        images = [self.normalize(x["image"]) for x in batched_inputs]
         image_list = ImageList.from_tensors(images, self.size_divisibility)
         batch, _, height, width = image_list.tensor.shape
         mask = torch.ones(batch, height, width, dtype=torch.bool, device=self.device)
@@ -287,18 +290,23 @@ class DINO(nn.Module):
             losses["loss_class_dn"] = losses["loss_class_dn"] + self.label_embedding.weight.sum() * 0.0
         return losses
 
+    def top_detections(self, logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``num_select`` best (query, class) pairs of ``logits (B, Q, K)``: their scores (sigmoid), class
+        indices and normalised xyxy boxes ``(B, num_select, 4)`` from ``boxes (B, Q, 4)`` (normalised cxcywh)."""
+        probabilities = logits.sigmoid().flatten(1)
+        num_classes = logits.shape[-1]
+        scores, flat_index = probabilities.topk(min(self.num_select, probabilities.shape[1]), dim=1)
+        query_index = flat_index // num_classes
+        labels = flat_index % num_classes
+        boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query_index[..., None].expand(-1, -1, 4))
+        return scores, labels, boxes
+
     def inference(self, prediction: Prediction, batched_inputs: list[dict],
                   image_sizes: list[tuple[int, int]]) -> list[dict[str, Instances]]:
         """Top-k (query, class) pairs per image, boxes scaled to the requested output size (``height`` x
         ``width``, default the input size); as the official DINO ``PostProcess``, boxes are neither
         clipped to the image nor filtered."""
-        probabilities = prediction["pred_logits"].sigmoid().flatten(1)
-        num_classes = prediction["pred_logits"].shape[-1]
-        scores, flat_index = probabilities.topk(min(self.num_select, probabilities.shape[1]), dim=1)
-        query_index = flat_index // num_classes
-        labels = flat_index % num_classes
-        boxes = box_convert(prediction["pred_boxes"], "cxcywh", "xyxy")
-        boxes = boxes.gather(1, query_index[..., None].expand(-1, -1, 4))
+        scores, labels, boxes = self.top_detections(prediction["pred_logits"], prediction["pred_boxes"])
         results = []
         for index, (inputs, (height, width)) in enumerate(zip(batched_inputs, image_sizes)):
             output_size = (int(inputs.get("height", height)), int(inputs.get("width", width)))

@@ -28,8 +28,8 @@ def valid_positions(padding_mask: Tensor, offset: float, scale: float) -> tuple[
     valid = (~padding_mask).float()
     y = valid.cumsum(1)
     x = valid.cumsum(2)
-    y = (y + offset) / (y[:, -1:, :] + _EPS) * scale
-    x = (x + offset) / (x[:, :, -1:] + _EPS) * scale
+    y = (y + offset) / (y[:, -1].unsqueeze(1) + _EPS) * scale
+    x = (x + offset) / (x[:, :, -1].unsqueeze(2) + _EPS) * scale
     return y, x
 
 

@@ -210,6 +210,24 @@ class DetectionTask(L.LightningModule):
     def forward(self, batch: list[dict]) -> Any:
         return self._require_model()(batch)
 
+    def onnx_export_spec(self) -> Any:
+        """``cli.py export --format onnx``: DINO as images -> boxes, scores, labels (see
+        :func:`focalnet_pl.dino.onnx.dino_onnx_spec`). Other meta-architectures raise, saying why."""
+        from focalnet_pl.dino import DINO
+        from focalnet_pl.dino.onnx import dino_onnx_spec
+
+        model = self._require_model()
+        if not isinstance(model, DINO):
+            raise NotImplementedError(
+                f"{self.meta_architecture} has no ONNX export: detectron2's proposal and detection post-processing "
+                "decide in Python on tensor values (e.g. find_top_rpn_proposals' `if not valid_mask.all()`, NMS keeping "
+                "a data-dependent number of boxes), which torch.export, the ONNX exporter's tracer, cannot follow. "
+                "DINO (MODEL.META_ARCHITECTURE: DINO) exports; the FocalNet backbone exports with "
+                "`cli.py export --format safetensors --part backbone`."
+            )
+        metadata = self._data_metadata() or self._checkpoint_metadata
+        return dino_onnx_spec(model, list(metadata.thing_classes) if metadata is not None else None, self.cfg.INPUT.FORMAT)
+
     # ---- checkpoints --------------------------------------------------------------------------
     def _data_metadata(self) -> Metadata | None:
         try:
