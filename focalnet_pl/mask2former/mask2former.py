@@ -251,21 +251,32 @@ class Mask2Former(nn.Module):
             targets.append({"labels": instances.gt_classes.long().to(self.device, non_blocking=True), "masks": padded})
         return targets
 
+    def predict(self, images: Tensor, mask: Tensor | None) -> dict:
+        """Decoder outputs (``pred_logits``, ``pred_masks`` at the mask features' stride, ``aux_outputs``) for
+        normalised padded ``images``; ``mask`` (B, H, W), True at padding, is used with ``mask_padding``."""
+        if not self.mask_padding:
+            mask_features, multi_scale_features = self.pixel_decoder(self.backbone(images))
+            return self.transformer_decoder(multi_scale_features, mask_features)
+        mask_features, multi_scale_features = self.pixel_decoder(self.backbone(images, mask), mask)
+        level_masks = self.pixel_decoder.level_masks(mask)
+        decoder_masks = [level_masks[name] for name in self.pixel_decoder.transformer_features]
+        return self.transformer_decoder(
+            multi_scale_features, mask_features, decoder_masks[: self.pixel_decoder.num_output_levels]
+        )
+
+    def upsample_mask_logits(self, mask_logits: Tensor, mask: Tensor | None) -> Tensor:
+        """``mask_logits (B, Q, h, w)`` bilinearly resized to the padded input size of ``mask (B, H, W)``; with
+        ``mask_padding`` the image edges read border values, not the padding."""
+        if self.mask_padding:
+            mask_logits = replicate_padding(mask_logits, downsample_mask(mask, self.pixel_decoder.mask_stride))
+        return F.interpolate(mask_logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+
     def forward(self, batched_inputs: list[dict[str, Any]]) -> dict[str, Tensor] | list[dict[str, Any]]:
         """Training: weighted losses. Inference: one result dict per input (see module docstring)."""
         images = [(record["image"].to(self.device) - self.pixel_mean) / self.pixel_std for record in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
-        if self.mask_padding:
-            mask = padding_mask(images.image_sizes, *images.tensor.shape[-2:], device=self.device)
-            mask_features, multi_scale_features = self.pixel_decoder(self.backbone(images.tensor, mask), mask)
-            level_masks = self.pixel_decoder.level_masks(mask)
-            decoder_masks = [level_masks[name] for name in self.pixel_decoder.transformer_features]
-            outputs = self.transformer_decoder(
-                multi_scale_features, mask_features, decoder_masks[: self.pixel_decoder.num_output_levels]
-            )
-        else:
-            mask_features, multi_scale_features = self.pixel_decoder(self.backbone(images.tensor))
-            outputs = self.transformer_decoder(multi_scale_features, mask_features)
+        mask = padding_mask(images.image_sizes, *images.tensor.shape[-2:], device=self.device)
+        outputs = self.predict(images.tensor, mask)
 
         if self.training:
             if not self.deep_supervision:
@@ -273,10 +284,7 @@ class Mask2Former(nn.Module):
             losses = self.criterion(outputs, self._targets(batched_inputs, tuple(images.tensor.shape[-2:])))
             return {name: value * self.criterion.weight_dict[name] for name, value in losses.items()}
 
-        mask_logits = outputs["pred_masks"]
-        if self.mask_padding:  # the upsampling reads the border value at the image's edge, not the padding
-            mask_logits = replicate_padding(mask_logits, downsample_mask(mask, self.pixel_decoder.mask_stride))
-        mask_logits = F.interpolate(mask_logits, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
+        mask_logits = self.upsample_mask_logits(outputs["pred_masks"], mask)
         results = []
         per_image = zip(outputs["pred_logits"], mask_logits, batched_inputs, images.image_sizes)
         for class_logits, masks, record, image_size in per_image:

@@ -140,9 +140,10 @@ class MaskedAttentionDecoder(nn.Module):
         for layer in range(self.num_layers):
             level = layer % self.num_feature_levels
             # a query whose mask is empty may attend everywhere in the image (else softmax over nothing)
-            padding = flat_masks[level]
-            unblocked = False if padding is None else padding.repeat_interleave(self.num_heads, 0)[:, None]
-            blocked = torch.where(blocked.all(-1, keepdim=True), unblocked, blocked)
+            empty = blocked.all(-1, keepdim=True)
+            blocked = blocked & ~empty
+            if flat_masks[level] is not None:  # ... but not the padding
+                blocked = blocked | (empty & flat_masks[level].repeat_interleave(self.num_heads, 0)[:, None])
             queries = self.cross_attention[layer](queries, query_positions, memories[level], memory_positions[level], blocked)
             queries = self.self_attention[layer](queries, query_positions, queries, query_positions)
             queries = self.feed_forward[layer](queries)

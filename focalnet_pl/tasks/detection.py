@@ -211,12 +211,17 @@ class DetectionTask(L.LightningModule):
         return self._require_model()(batch)
 
     def onnx_export_spec(self) -> Any:
-        """``cli.py export --format onnx``: DINO as images -> boxes, scores, labels (see
-        :func:`focalnet_pl.dino.onnx.dino_onnx_spec`). Other meta-architectures raise, saying why."""
+        """``cli.py export --format onnx``: DINO as images -> boxes, scores, labels
+        (:func:`focalnet_pl.dino.onnx.dino_onnx_spec`), Mask2Former as images -> semantic scores and the
+        query outputs (:func:`focalnet_pl.mask2former.onnx.mask2former_onnx_spec`). Others raise, saying why."""
         from focalnet_pl.dino import DINO
         from focalnet_pl.dino.onnx import dino_onnx_spec
+        from focalnet_pl.mask2former import Mask2Former
+        from focalnet_pl.mask2former.onnx import mask2former_onnx_spec
 
         model = self._require_model()
+        if isinstance(model, Mask2Former):
+            return mask2former_onnx_spec(model, self.cfg.INPUT.FORMAT)
         if not isinstance(model, DINO):
             raise NotImplementedError(
                 f"{self.meta_architecture} has no ONNX export: detectron2's proposal and detection post-processing "
