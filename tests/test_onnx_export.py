@@ -154,3 +154,46 @@ def test_mask_rcnn_onnx_export_says_why_not(tmp_path: Path, capsys) -> None:
     error = capsys.readouterr().err
     assert error.startswith("error: PaddingMaskedRCNN has no ONNX export: detectron2's proposal and detection")
     assert "Traceback" not in error and not (tmp_path / "mask_rcnn.onnx").exists()
+
+
+# ---- segmentation -----------------------------------------------------------------------------------------
+def test_mask2former_exports_to_onnx_with_semantic_scores_for_any_size(tmp_path: Path) -> None:
+    from focalnet_pl.cli import main
+    from focalnet_pl.tasks.segmentation import SegmentationTask
+
+    torch.manual_seed(0)
+    detectron2 = {"MODEL": {
+        "META_ARCHITECTURE": "Mask2Former", "BACKBONE": {"NAME": "build_focalnet_backbone"},
+        "PIXEL_MEAN": [123.675, 116.28, 103.53], "PIXEL_STD": [58.395, 57.12, 57.375],
+        "FOCALNET": {"EMBED_DIM": 8, "DEPTHS": [1, 1, 1, 1], "DROP_PATH_RATE": 0.0},
+        "SEM_SEG_HEAD": {"NUM_CLASSES": 3, "IN_FEATURES": ["res2", "res3", "res4", "res5"], "CONVS_DIM": 16,
+                         "MASK_DIM": 16, "TRANSFORMER_ENC_LAYERS": 1, "DEFORMABLE_NUM_HEADS": 2,
+                         "DEFORMABLE_DIM_FEEDFORWARD": 32},
+        "MASK_FORMER": {"HIDDEN_DIM": 16, "NHEADS": 2, "DIM_FEEDFORWARD": 32, "NUM_OBJECT_QUERIES": 6, "DEC_LAYERS": 3,
+                        "THING_CLASS_IDS": [0], "TEST": {"SEMANTIC_ON": True, "PANOPTIC_ON": False, "INSTANCE_ON": False}},
+    }}
+    task = SegmentationTask(detectron2=detectron2)
+    with torch.no_grad():  # trained-like weights
+        for parameter in task.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    config = {"model": {"class_path": "focalnet_pl.tasks.segmentation.SegmentationTask", "init_args": {"detectron2": detectron2}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    output = tmp_path / "mask2former.onnx"
+    main(["export", "--format", "onnx", "--config", str(tmp_path / "config.yaml"), "--ckpt_path",
+          str(tmp_path / "last.ckpt"), "--output", str(output)])
+
+    model = load_task(config, tmp_path / "last.ckpt").model
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["sem_seg", "class_logits", "mask_logits"]
+    generator = torch.Generator().manual_seed(1)
+    for shape in [(1, 3, 64, 96), (2, 3, 45, 77), (1, 3, 100, 33)]:
+        images = torch.rand(*shape, generator=generator) * 255
+        scores, class_logits, mask_logits = session.run(None, {"images": images.numpy()})
+        assert scores.shape == (shape[0], 3, *shape[2:]) and mask_logits.shape == (shape[0], 6, *shape[2:])
+        with torch.no_grad():
+            expected = model([{"image": image} for image in images])
+        for index, result in enumerate(expected):
+            assert np.abs(scores[index] - result["sem_seg"].numpy()).max() <= 1e-4, shape
