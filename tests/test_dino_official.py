@@ -123,6 +123,18 @@ def test_official_checkpoint_all_91_rows_gives_the_official_outputs(official, na
         assert_matches_official(model, case)
 
 
+def test_masking_the_padding_changes_nothing_on_an_image_alone(official, one_thread):
+    """``MODEL.MASK_PADDING`` (our default) gives the official outputs where there is no padding: one image."""
+    entry = official["fl4"]
+    config = dino_config(entry, num_classes=91)
+    config["MODEL"]["MASK_PADDING"] = True
+    model = build_model(build_detectron2_cfg(config)).double().eval()
+    load_detector_weights(model, entry["checkpoint"], class_ids=list(range(91)))
+    for case in entry["cases"]:
+        if len(case["images"]) == 1:
+            assert_matches_official(model, case)
+
+
 def test_coco_rows_selected_by_category_id(official, one_thread):
     """Our 80 COCO classes from the official 91-row layout: logits are the official columns of the COCO
     ids, the top-k the official one without the 11 unused ids."""
