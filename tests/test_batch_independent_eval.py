@@ -194,3 +194,27 @@ def test_focalnet_features_of_a_padded_batch_equal_each_image_alone():
                         assert unmasked_error > 0.01  # without the mask the padding changes the features
             finally:
                 cpu_fastpath.set_mode(previous)
+
+
+def test_padding_helpers_equal_the_plain_ops_on_the_valid_region():
+    from focalnet_pl.layers import masked_group_norm, padding_mask, replicate_padding
+
+    generator = torch.Generator().manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.normal_(generator=generator)
+        norm.bias.normal_(generator=generator)
+    sizes = [(5, 7), (9, 4)]
+    batch = torch.randn(2, 8, 9, 7, generator=generator)
+    mask = padding_mask(sizes, 9, 7)
+    normalized = masked_group_norm(batch, norm, mask)
+    bf16 = masked_group_norm(batch.bfloat16(), norm, mask)
+    upsampled = torch.nn.functional.interpolate(replicate_padding(batch, mask), scale_factor=2, mode="bilinear")
+    for index, (h, w) in enumerate(sizes):
+        alone = batch[index : index + 1, :, :h, :w]
+        torch.testing.assert_close(normalized[index, :, :h, :w], norm(alone)[0], atol=1e-5, rtol=0)
+        assert bf16.dtype == torch.bfloat16
+        torch.testing.assert_close(bf16[index, :, :h, :w].float(), norm(alone.bfloat16().float())[0], atol=0.05, rtol=0)
+        # bilinear upsampling near the image's edge reads the border (as on the unpadded map), not the padding
+        expected = torch.nn.functional.interpolate(alone, scale_factor=2, mode="bilinear")[0]
+        torch.testing.assert_close(upsampled[index, :, : 2 * h, : 2 * w], expected, atol=1e-6, rtol=0)

@@ -57,20 +57,22 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def masked_group_norm(x: Tensor, norm: nn.GroupNorm, mask: Tensor | None) -> Tensor:
-    """``norm(x)`` with each group's mean and variance taken over the valid positions only."""
+    """``norm(x)`` with each group's mean and variance taken over the valid positions only (in float32 at
+    least, as autocast runs GroupNorm; returned in ``x``'s dtype)."""
     if mask is None:
         return norm(x)
     batch, channels, height, width = x.shape
     groups = norm.num_groups
-    valid = (~mask)[:, None, None].to(x.dtype)  # (B, 1, 1, H, W)
-    grouped = x.view(batch, groups, channels // groups, height, width)
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    valid = (~mask)[:, None, None].to(work.dtype)  # (B, 1, 1, H, W)
+    grouped = work.view(batch, groups, channels // groups, height, width)
     count = valid.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1) * (channels // groups)
     mean = (grouped * valid).sum(dim=(2, 3, 4), keepdim=True) / count
     variance = ((grouped - mean).square() * valid).sum(dim=(2, 3, 4), keepdim=True) / count
-    normalized = ((grouped - mean) * torch.rsqrt(variance + norm.eps)).view_as(x)
+    normalized = ((grouped - mean) * torch.rsqrt(variance + norm.eps)).view_as(work)
     if norm.affine:
         normalized = normalized * norm.weight[:, None, None] + norm.bias[:, None, None]
-    return normalized
+    return normalized.to(x.dtype)
 
 
 def replicate_padding(x: Tensor, mask: Tensor | None) -> Tensor:
