@@ -169,7 +169,7 @@ def test_mask2former_exports_to_onnx_with_semantic_scores_for_any_size(tmp_path:
         "SEM_SEG_HEAD": {"NUM_CLASSES": 3, "IN_FEATURES": ["res2", "res3", "res4", "res5"], "CONVS_DIM": 16,
                          "MASK_DIM": 16, "TRANSFORMER_ENC_LAYERS": 1, "DEFORMABLE_NUM_HEADS": 2,
                          "DEFORMABLE_DIM_FEEDFORWARD": 32},
-        "MASK_FORMER": {"HIDDEN_DIM": 16, "NHEADS": 2, "DIM_FEEDFORWARD": 32, "NUM_OBJECT_QUERIES": 6, "DEC_LAYERS": 3,
+        "MASK_FORMER": {"HIDDEN_DIM": 16, "NHEADS": 2, "DIM_FEEDFORWARD": 32, "NUM_OBJECT_QUERIES": 6, "DEC_LAYERS": 1,
                         "THING_CLASS_IDS": [0], "TEST": {"SEMANTIC_ON": True, "PANOPTIC_ON": False, "INSTANCE_ON": False}},
     }}
     task = SegmentationTask(detectron2=detectron2)
