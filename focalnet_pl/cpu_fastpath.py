@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from focalnet_pl.layers.padding import masked_mean, zero_padding
+
 if TYPE_CHECKING:
     from focalnet_pl.focalnet import FocalModulation, FocalNetBlock
 
@@ -343,16 +345,17 @@ def _project(block: FocalNetBlock, tokens: torch.Tensor, shape: tuple[int, int, 
 
 
 def _focal_levels(
-    modulation: FocalModulation, context: torch.Tensor, onednn: bool
+    modulation: FocalModulation, context: torch.Tensor, onednn: bool, padding_mask: torch.Tensor | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Each level's context as ``(M, C)`` rows, and the global context ``(B, C)``."""
+    """Each level's context as ``(M, C)`` rows, and the global context ``(B, C)`` (padding handled as in
+    :class:`~focalnet_pl.focalnet.FocalModulation`)."""
     C = modulation.dim
     x = context.permute(0, 3, 1, 2)  # the NHWC buffer seen as channels-last NCHW
     levels = []
     for layer in modulation.focal_layers:
-        x = _conv_gelu(x, layer, onednn)
+        x = _conv_gelu(zero_padding(x, padding_mask), layer, onednn)
         levels.append(x.permute(0, 2, 3, 1).reshape(-1, C))
-    return levels, F.gelu(x.mean(dim=(2, 3)))
+    return levels, F.gelu(masked_mean(x, padding_mask))
 
 
 def _modulate(
@@ -385,8 +388,10 @@ def _add_residual(
     return torch.addcmul(x, branch, gamma, out=out)
 
 
-def block_forward(block: FocalNetBlock, x: torch.Tensor, onednn: bool | None = None) -> torch.Tensor:
-    """``block(x)`` at CPU inference, for ``x`` of shape ``(B, H, W, C)`` (check :func:`applies` first).
+def block_forward(
+    block: FocalNetBlock, x: torch.Tensor, onednn: bool | None = None, padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``block(x, padding_mask)`` at CPU inference, for ``x`` of shape ``(B, H, W, C)`` (check :func:`applies` first).
 
     ``onednn``: depthwise convolutions with oneDNN's fused GELU; by default as calibrated for this shape
     class (or wherever available in ``on`` mode)."""
@@ -396,7 +401,7 @@ def block_forward(block: FocalNetBlock, x: torch.Tensor, onednn: bool | None = N
     tokens = x.reshape(-1, C)
     modulation, mlp = block.modulation, block.mlp
     query, context, gates = _project(block, tokens, (B, H, W, C))
-    levels, global_context = _focal_levels(modulation, context, onednn)
+    levels, global_context = _focal_levels(modulation, context, onednn, padding_mask)
     out = torch.empty_like(tokens)
     for start, stop in _row_chunks(tokens.shape[0]):
         branch = _modulate(modulation, query, levels, global_context, gates, start, stop, H * W)

@@ -306,7 +306,10 @@ def main(argv: list[str]) -> None:
         ckpt_path = str(resolve_checkpoint_alias(run_root(config.get("trainer") or {}), ckpt_path))
     task = load_task(config, ckpt_path)
     if args.format == "onnx":
-        path, difference = export_onnx(task, args.output, config=config, source=ckpt_path, tolerance=args.tolerance)
+        try:
+            path, difference = export_onnx(task, args.output, config=config, source=ckpt_path, tolerance=args.tolerance)
+        except NotImplementedError as error:  # the task's model has no ONNX graph: say why, no traceback
+            parser.exit(1, f"error: {error}\n")
         print(f"wrote {path} (onnxruntime vs PyTorch: max abs difference {difference:.3g})")
         return
     path = export_weights(task, args.output, args.part or "backbone", config=config, source=ckpt_path)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from focalnet_pl import cpu_fastpath
+from focalnet_pl.layers.padding import downsample_mask, masked_mean, zero_padding
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,10 @@ class FocalModulation(nn.Module):
     (kernel ``focal_factor * l + focal_window``) + GELU applied to the previous level; the global
     level is GELU(mean of the last level). ``h`` (a 1x1 conv, here a linear layer) turns the gated
     sum into the modulator.
+
+    With a padding mask ``(B, H, W)`` (True at padding), padded positions are zeroed before each focal
+    convolution and the global level averages the valid positions only: the valid positions' output
+    does not depend on the padding (see :mod:`focalnet_pl.layers.padding`).
     """
 
     def __init__(
@@ -184,14 +189,14 @@ class FocalModulation(nn.Module):
         ctx = qcg[..., C : 2 * C].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         return qcg[..., :C], ctx, qcg[..., 2 * C :]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, ctx, gates = self._project(x)
         ctx_all = None
         for level, layer in enumerate(self.focal_layers):
-            ctx = layer(ctx)
+            ctx = layer(zero_padding(ctx, padding_mask))
             term = ctx.permute(0, 2, 3, 1) * gates[..., level : level + 1]
             ctx_all = term if ctx_all is None else ctx_all + term
-        ctx_global = self.act(ctx.mean(dim=(2, 3)))[:, None, None, :]
+        ctx_global = self.act(masked_mean(ctx, padding_mask))[:, None, None, :]
         term = ctx_global * gates[..., self.focal_level :]
         ctx_all = term if ctx_all is None else ctx_all + term
         if self.normalize_modulator:
@@ -230,13 +235,14 @@ class FocalNetBlock(nn.Module):
     def _scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
         return x if gamma is None else x * gamma
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (B, H, W, C)``; ``padding_mask (B, H, W)`` True at padding (see :class:`FocalModulation`)."""
         if cpu_fastpath.applies(self, x):
-            return cpu_fastpath.block_forward(self, x)
+            return cpu_fastpath.block_forward(self, x, padding_mask=padding_mask)
         if self.use_postln:
-            x = x + self.drop_path(self._scale(self.norm1(self.modulation(x)), self.gamma_1))
+            x = x + self.drop_path(self._scale(self.norm1(self.modulation(x, padding_mask)), self.gamma_1))
             return x + self.drop_path(self._scale(self.norm2(self.mlp(x)), self.gamma_2))
-        x = x + self.drop_path(self._scale(self.modulation(self.norm1(x)), self.gamma_1))
+        x = x + self.drop_path(self._scale(self.modulation(self.norm1(x), padding_mask), self.gamma_1))
         return x + self.drop_path(self._scale(self.mlp(self.norm2(x)), self.gamma_2))
 
 
@@ -278,18 +284,18 @@ class FocalNetStage(nn.Module):
         self.downsample = PatchEmbed(dim, out_dim, 2, cfg.use_conv_embed) if out_dim else None
         self.grad_checkpointing = False
 
-    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_blocks(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, padding_mask, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, padding_mask)
         return x
 
-    def forward_downsample(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_downsample(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.downsample is None:
             return x
-        return self.downsample(x.permute(0, 3, 1, 2))
+        return self.downsample(zero_padding(x.permute(0, 3, 1, 2), padding_mask))
 
 
 class FocalNet(nn.Module):
@@ -301,6 +307,11 @@ class FocalNet(nn.Module):
     Dense backbone: ``forward(x) -> list`` of NCHW maps for ``out_indices`` (strides ``4 * 2**i``),
     each through its own LayerNorm ``norm{i}``; any input size (padded internally); stages
     ``<= frozen_stages`` (0 = stem) are frozen and kept in eval mode.
+
+    ``padding_mask`` ``(B, H, W)`` (True where a batched image is padding): padded positions are zeroed
+    before every convolution and left out of the global context means, and the dense maps are zero
+    there, so each image's features are those it has alone. Without it (the official models), the
+    padding is computed on like image content.
     """
 
     def __init__(
@@ -396,18 +407,32 @@ class FocalNet(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"FocalNet expects a floating-point image tensor; got dtype {x.dtype}")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def _check_mask(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
+        if padding_mask is not None and (padding_mask.dtype != torch.bool or padding_mask.shape != (x.shape[0], *x.shape[2:])):
+            raise ValueError(
+                f"padding_mask must be a bool tensor of shape {(x.shape[0], *x.shape[2:])} (B, H, W) for images "
+                f"{tuple(x.shape)}; got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+            )
+
+    def forward_features(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
         self._check_input(x)
-        x = self.pos_drop(self.patch_embed(x))
+        self._check_mask(x, padding_mask)
+        if padding_mask is not None and not self.features_only:
+            raise ValueError("padding_mask is for the dense backbone (features_only=True); classify images one size at a time")
+        mask = None if padding_mask is None else downsample_mask(padding_mask, self.cfg.patch_size)
+        x = self.pos_drop(self.patch_embed(zero_padding(x, padding_mask)))
         if self.features_only:
             outs = []
             for i, stage in enumerate(self.layers):
-                x = stage.forward_blocks(x)
+                x = stage.forward_blocks(x, mask)
                 if i in self.out_indices:
-                    outs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
+                    outs.append(zero_padding(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2), mask).contiguous())
                 if i == self.out_indices[-1]:
                     break
-                x = stage.forward_downsample(x)
+                x = stage.forward_downsample(x, mask)
+                mask = None if mask is None else downsample_mask(mask, 2)
             return outs
         for stage in self.layers:
             x = stage.forward_downsample(stage.forward_blocks(x))
@@ -417,8 +442,8 @@ class FocalNet(nn.Module):
         x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        features = self.forward_features(x)
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        features = self.forward_features(x, padding_mask)
         return features if self.features_only else self.forward_head(features)
 
     def reset_classifier(self, num_classes: int) -> None:

@@ -1,5 +1,6 @@
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,10 @@ def small_coco(make_coco_dataset) -> Path:
     return make_coco_dataset([(1, "red"), (3, "blue")])
 
 
-def write_coco_dataset(root: Path, categories: list[tuple[int, str]], sizes: tuple[int, int] = (6, 4)) -> Path:
-    """A small COCO instances dataset under ``root`` (train2017 / val2017 jpgs and their jsons): 64x80
-    images with 1-2 solid boxes each, one colour per category ``(id, name)``."""
+def write_coco_dataset(root: Path, categories: list[tuple[int, str]], sizes: tuple[int, int] = (6, 4),
+                       shapes: Sequence[tuple[int, int]] = ((64, 80),)) -> Path:
+    """A small COCO instances dataset under ``root`` (train2017 / val2017 jpgs and their jsons): images of
+    ``shapes`` (height, width >= 64; taken in turn) with 1-2 solid boxes each, one colour per category ``(id, name)``."""
     from PIL import Image
 
     gen = torch.Generator().manual_seed(0)
@@ -51,7 +53,8 @@ def write_coco_dataset(root: Path, categories: list[tuple[int, str]], sizes: tup
         (root / split).mkdir()
         images, annotations = [], []
         for image_id in range(1, count + 1):
-            pixels = torch.full((64, 80, 3), 40, dtype=torch.uint8)
+            height, width = shapes[(image_id - 1) % len(shapes)]
+            pixels = torch.full((height, width, 3), 40, dtype=torch.uint8)
             for _ in range(int(torch.randint(1, 3, (1,), generator=gen))):
                 x, y = (int(v) for v in torch.randint(0, 44, (2,), generator=gen))
                 w, h = (int(v) for v in torch.randint(12, 20, (2,), generator=gen))
@@ -61,7 +64,7 @@ def write_coco_dataset(root: Path, categories: list[tuple[int, str]], sizes: tup
                                     "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
                                     "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
             Image.fromarray(pixels.numpy()).save(root / split / f"{image_id:06d}.jpg")
-            images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "width": 80, "height": 64})
+            images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "width": width, "height": height})
         coco_categories = [{"id": i, "name": name, "supercategory": "box"} for i, name in categories]
         (root / "annotations" / f"instances_{split}.json").write_text(
             json.dumps({"images": images, "annotations": annotations, "categories": coco_categories})

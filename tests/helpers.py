@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -230,21 +231,24 @@ def write_ade(root: Path, size: tuple[int, int] = (48, 64), label_size: tuple[in
     return root
 
 
-def write_panoptic(root: Path, extra_png_id: int | None = None) -> tuple[Path, Path, Path]:
-    """Two 40x40 images: stuff "sky" (id 50) above, a thing "box" (id 7) and a crowd box (id 8) below."""
+def write_panoptic(root: Path, extra_png_id: int | None = None,
+                   shapes: Sequence[tuple[int, int]] = ((40, 40), (40, 40))) -> tuple[Path, Path, Path]:
+    """Images of ``shapes`` (default two 40x40; each side >= 40): stuff "sky" (id 50) on the top 20 rows, a
+    thing "box" (id 7) and a crowd box (id 8) below."""
     images, pngs = root / "images", root / "panoptic"
     images.mkdir(parents=True)
     pngs.mkdir()
     annotations = []
-    for image_id in (1, 2):
-        ids = np.zeros((40, 40), np.int64)
+    image_ids = list(range(1, len(shapes) + 1))
+    for image_id, (height, width) in zip(image_ids, shapes):
+        ids = np.zeros((height, width), np.int64)
         ids[:20] = 50
         ids[25:35, 5:15] = 7
         ids[25:35, 25:35] = 8
         if extra_png_id is not None:
             ids[0, 0] = extra_png_id
         rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
-        Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(images / f"{image_id}.jpg")
+        Image.fromarray(np.full((height, width, 3), 100, np.uint8)).save(images / f"{image_id}.jpg")
         Image.fromarray(rgb).save(pngs / f"{image_id}.png")
         annotations.append({"image_id": image_id, "file_name": f"{image_id}.png", "segments_info": [
             {"id": 50, "category_id": 30, "iscrowd": 0},
@@ -253,7 +257,7 @@ def write_panoptic(root: Path, extra_png_id: int | None = None) -> tuple[Path, P
         ]})
     json_file = root / "panoptic.json"
     json_file.write_text(json.dumps({
-        "images": [{"id": i, "file_name": f"{i}.jpg", "height": 40, "width": 40} for i in (1, 2)],
+        "images": [{"id": i, "file_name": f"{i}.jpg", "height": h, "width": w} for i, (h, w) in zip(image_ids, shapes)],
         "annotations": annotations,
         "categories": [{"id": 4, "name": "box", "isthing": 1}, {"id": 30, "name": "sky", "isthing": 0}],
     }))

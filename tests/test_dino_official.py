@@ -42,6 +42,7 @@ def dino_config(entry: dict, num_classes: int, **dino) -> dict:
     in_features = ["res2", "res3", "res4", "res5"][4 - len(args.return_interm_indices):]
     return {"INPUT": {"FORMAT": "RGB"}, "MODEL": {
         "META_ARCHITECTURE": "DINO", "DEVICE": "cpu", "BACKBONE": {"NAME": "build_focalnet_backbone"},
+        "MASK_PADDING": False,  # the official DINO computes on the padding
         # the official ToTensor + Normalize in 0-255 units
         "PIXEL_MEAN": [123.675, 116.28, 103.53], "PIXEL_STD": [58.395, 57.12, 57.375],
         "FOCALNET": {
@@ -118,6 +119,18 @@ def test_official_checkpoint_all_91_rows_gives_the_official_outputs(official, na
     assert set(report.loaded) | set(report.converted) == set(model.state_dict())
     for case in entry["cases"]:
         assert_matches_official(model, case)
+
+
+def test_masking_the_padding_changes_nothing_on_an_image_alone(official, one_thread):
+    """``MODEL.MASK_PADDING`` (our default) gives the official outputs where there is no padding: one image."""
+    entry = official["fl4"]
+    config = dino_config(entry, num_classes=91)
+    config["MODEL"]["MASK_PADDING"] = True
+    model = build_model(build_detectron2_cfg(config)).double().eval()
+    load_detector_weights(model, entry["checkpoint"], class_ids=list(range(91)))
+    for case in entry["cases"]:
+        if len(case["images"]) == 1:
+            assert_matches_official(model, case)
 
 
 def test_coco_rows_selected_by_category_id(official, one_thread):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -197,10 +198,10 @@ CONFIGS = [
 ]
 
 
-def _panoptic_tree(root: Path, layout: str) -> None:
-    """panopticapi files for both splits, in the COCO or the ADE20K folder layout."""
+def _panoptic_tree(root: Path, layout: str, shapes: Sequence[tuple[int, int]] = ((40, 40), (40, 40))) -> None:
+    """panopticapi files for both splits (images of ``shapes``), in the COCO or the ADE20K folder layout."""
     for split in ("train", "val"):
-        json_file, images, pngs = write_panoptic(root / f"tmp_{split}")
+        json_file, images, pngs = write_panoptic(root / f"tmp_{split}", shapes=shapes)
         if layout == "coco":
             (root / "annotations").mkdir(parents=True, exist_ok=True)
             images.rename(root / f"{split}2017")

@@ -31,6 +31,7 @@ def official() -> dict:
 def _model(config: dict, **mask_former):
     config = copy.deepcopy(config)
     config["MODEL"]["MASK_FORMER"].update(mask_former)
+    config["MODEL"]["MASK_PADDING"] = False  # the official Mask2Former computes on the padding
     torch.manual_seed(1)
     return build_model(build_detectron2_cfg(config)).eval()
 

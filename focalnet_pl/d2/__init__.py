@@ -1,6 +1,7 @@
-"""detectron2 integration: the FocalNet backbones (registered on import) and config helpers."""
+"""detectron2 integration: the FocalNet backbones and ``PaddingMaskedRCNN`` (registered on import) and config helpers."""
 
 from focalnet_pl.d2.backbone import FocalNetBackbone, build_focalnet_backbone, build_focalnet_fpn_backbone
+from focalnet_pl.d2.rcnn import PaddingMaskedRCNN  # noqa: E402  (after the backbones it masks)
 from focalnet_pl.d2.config import (
     CONFIG_EXTENSIONS,
     NUM_CLASSES_KEYS,
@@ -10,6 +11,7 @@ from focalnet_pl.d2.config import (
 
 __all__ = [
     "CONFIG_EXTENSIONS",
+    "PaddingMaskedRCNN",
     "NUM_CLASSES_KEYS",
     "FocalNetBackbone",
     "add_focalnet_config",

@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from focalnet_pl.focalnet import create_focalnet
+from focalnet_pl.layers.padding import downsample_mask, replicate_padding, zero_padding
 
-__all__ = ["FocalNetBackbone", "build_focalnet_backbone", "build_focalnet_fpn_backbone"]
+__all__ = ["FocalNetBackbone", "PaddingMaskedFPN", "build_focalnet_backbone", "build_focalnet_fpn_backbone"]
 
 #: detectron2 feature names of the four FocalNet stages (strides 4, 8, 16, 32).
 STAGE_NAMES: tuple[str, ...] = ("res2", "res3", "res4", "res5")
@@ -59,8 +61,10 @@ class FocalNetBackbone(Backbone):
         """Batched images are padded to a multiple of the coarsest stride."""
         return 32
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self._out_features, self.body(x)))
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``x (B, 3, H, W)``; ``padding_mask (B, H, W)`` True at padding: features as each image alone
+        (zero at padding; see :class:`focalnet_pl.focalnet.FocalNet`)."""
+        return dict(zip(self._out_features, self.body(x, padding_mask)))
 
     def output_shape(self) -> dict[str, ShapeSpec]:
         return {
@@ -87,6 +91,51 @@ def _focalnet_kwargs(cfg: CfgNode) -> dict:
     return kwargs
 
 
+class PaddingMaskedFPN(FPN):
+    """detectron2's FPN that, given the padding of the batch, computes each image as if alone.
+
+    detectron2's meta-architectures call the backbone with the padded images only, so the padding mask
+    comes through :attr:`padding_mask`, set for the next forward (by
+    :class:`focalnet_pl.d2.rcnn.PaddingMaskedRCNN`) and cleared by it. With a mask, the bottom-up
+    features and every output convolution's input are zero at padding, and each output map holds, at
+    padding, the nearest valid value (what ROIAlign reads at the border of an unpadded map; the RPN
+    zeroes it again before its convolution). Without one it is detectron2's FPN.
+    """
+
+    #: ``(B, H, W)`` padding mask for the next forward (True at padding); cleared by that forward
+    padding_mask: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask, self.padding_mask = self.padding_mask, None
+        if mask is None:
+            return super().forward(x)
+        if any(conv.norm is not None for conv in (*self.lateral_convs, *self.output_convs)):
+            raise NotImplementedError("MODEL.MASK_PADDING with MODEL.FPN.NORM: normalisation over the valid region only "
+                                      "is not implemented for the FPN; set MODEL.FPN.NORM '' or MODEL.MASK_PADDING False")
+        bottom_up = self.bottom_up(x, mask)
+        strides = [self.bottom_up.output_shape()[name].stride for name in self.in_features]
+        masks = [downsample_mask(mask, stride) for stride in strides]
+        results = []
+        previous = None
+        for level in range(len(self.in_features) - 1, -1, -1):
+            index = len(self.in_features) - 1 - level  # lateral/output convs are ordered coarse to fine
+            lateral = self.lateral_convs[index](bottom_up[self.in_features[level]])
+            if previous is not None:
+                lateral = lateral + F.interpolate(previous, scale_factor=2.0, mode="nearest")
+                if self._fuse_type == "avg":
+                    lateral = lateral / 2
+            previous = lateral
+            output = self.output_convs[index](zero_padding(lateral, masks[level]))
+            results.insert(0, replicate_padding(output, masks[level]))
+        if self.top_block is not None:
+            if self.top_block.in_feature in bottom_up:
+                top_input = bottom_up[self.top_block.in_feature]
+            else:
+                top_input = results[self._out_features.index(self.top_block.in_feature)]
+            results.extend(self.top_block(top_input))
+        return dict(zip(self._out_features, results))
+
+
 @BACKBONE_REGISTRY.register()
 def build_focalnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FocalNetBackbone:
     """``MODEL.BACKBONE.NAME: build_focalnet_backbone``: FocalNet features ``MODEL.FOCALNET.OUT_FEATURES``."""
@@ -96,9 +145,9 @@ def build_focalnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FocalNetBac
 
 
 @BACKBONE_REGISTRY.register()
-def build_focalnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
+def build_focalnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> PaddingMaskedFPN:
     """``MODEL.BACKBONE.NAME: build_focalnet_fpn_backbone``: detectron2's FPN (with a max-pooled
-    extra level, ``p6``) over FocalNet, as in Mask R-CNN."""
+    extra level, ``p6``) over FocalNet, as in Mask R-CNN; padding-aware (:class:`PaddingMaskedFPN`)."""
     bottom_up = build_focalnet_backbone(cfg, input_shape)
     missing = [name for name in cfg.MODEL.FPN.IN_FEATURES if name not in bottom_up.output_shape()]
     if missing:
@@ -106,7 +155,7 @@ def build_focalnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
             f"MODEL.FPN.IN_FEATURES {list(cfg.MODEL.FPN.IN_FEATURES)} needs {missing}, which "
             f"MODEL.FOCALNET.OUT_FEATURES {list(cfg.MODEL.FOCALNET.OUT_FEATURES)} does not produce"
         )
-    return FPN(
+    return PaddingMaskedFPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,

@@ -41,6 +41,10 @@ def add_focalnet_config(cfg: CN) -> None:
     node.DEPTHS = []
     node.FOCAL_LEVELS = []
     node.FOCAL_WINDOWS = []
+    # Mask the padding of batched images (FocalNet, FPN, RPN, DINO and Mask2Former heads), so that each image
+    # gets the result it gets alone, whatever the batch. The official models compute on the padding: False.
+    # Applies to DINO, Mask2Former and PaddingMaskedRCNN (detectron2's GeneralizedRCNN never masks).
+    cfg.MODEL.MASK_PADDING = True
 
 
 #: Functions adding config nodes; :func:`build_detectron2_cfg` applies all of them, in order.
@@ -53,6 +57,7 @@ NUM_CLASSES_KEYS: dict[str, str] = {
     "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
     "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
     "DINO": "MODEL.DINO.NUM_CLASSES",
+    "PaddingMaskedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
 }
 
 

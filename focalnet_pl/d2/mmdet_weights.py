@@ -2,7 +2,7 @@
 
 microsoft/FocalNet released its Mask R-CNN models (T/S/B x srf/lrf x 1x/3x) from an mmdetection v2
 fork: ``{"meta": ..., "state_dict": {backbone.*, neck.*, rpn_head.*, roi_head.*}}``. This layout maps
-every tensor onto ``GeneralizedRCNN`` built from ``configs/mask_rcnn_focalnet_*.yaml``:
+every tensor onto ``GeneralizedRCNN`` (or its subclass ``PaddingMaskedRCNN`` of ``configs/mask_rcnn_focalnet_*.yaml``):
 
 ==========================================  ==================================================
 mmdetection                                 detectron2

@@ -16,7 +16,15 @@ from focalnet_pl.dino.criterion import Prediction, SetCriterion
 from focalnet_pl.dino.denoising import DenoisingQueries, make_denoising_queries
 from focalnet_pl.dino.matcher import HungarianMatcher
 from focalnet_pl.dino.transformer import DeformableTransformer, TransformerOutput
-from focalnet_pl.layers import MLP, DINOSinePositionEmbedding, PixelNormalization, group_norm
+from focalnet_pl.layers import (
+    MLP,
+    DINOSinePositionEmbedding,
+    PixelNormalization,
+    downsample_mask,
+    group_norm,
+    masked_group_norm,
+    zero_padding,
+)
 from focalnet_pl.layers.precision import autocast_off, float32
 
 __all__ = ["DINO"]
@@ -32,7 +40,10 @@ class DINO(nn.Module):
     ``scores`` and ``pred_classes`` (top ``num_select`` over queries x classes).
 
     Images are padded to the largest of the batch (``size_divisibility`` 0, the official DINO) and
-    the padding is masked out of every attention.
+    the padding is masked out of every attention. With ``mask_padding`` (``MODEL.MASK_PADDING``) it is
+    also masked in the backbone and the input projections (zero before the convolutions, GroupNorm
+    statistics over the valid positions, level masks of ``ceil(size / stride)`` cells), so that each
+    image's detections do not depend on its batch; the official DINO computes on it (False).
     """
 
     @configurable
@@ -55,6 +66,7 @@ class DINO(nn.Module):
         aux_loss: bool = True,
         num_select: int = 300,
         size_divisibility: int = 0,
+        mask_padding: bool = False,
     ) -> None:
         super().__init__()
         shapes = backbone.output_shape()
@@ -79,6 +91,10 @@ class DINO(nn.Module):
         self.aux_loss = aux_loss
         self.num_select = num_select
         self.size_divisibility = size_divisibility
+        self.mask_padding = mask_padding
+        strides = [shapes[name].stride for name in in_features]
+        #: stride of every feature level (the extra levels halve the previous one)
+        self.level_strides = strides + [strides[-1] * 2 ** (i + 1) for i in range(num_feature_levels - len(in_features))]
 
         projections = [
             nn.Sequential(nn.Conv2d(shapes[name].channels, hidden_dim, 1), group_norm(hidden_dim))
@@ -124,6 +140,7 @@ class DINO(nn.Module):
             class_head=class_head,
             box_head=box_head,
             share_heads=node.SHARE_DECODER_HEADS,
+            mask_padding=cfg.MODEL.MASK_PADDING,
         )
         matcher = HungarianMatcher(node.COST_CLASS, node.COST_BBOX, node.COST_GIOU, node.FOCAL_ALPHA, node.FOCAL_GAMMA)
         criterion = SetCriterion(
@@ -148,6 +165,7 @@ class DINO(nn.Module):
             "aux_loss": node.AUX_LOSS,
             "num_select": node.NUM_SELECT,
             "size_divisibility": node.SIZE_DIVISIBILITY,
+            "mask_padding": cfg.MODEL.MASK_PADDING,
         }
 
     @property
@@ -189,15 +207,34 @@ class DINO(nn.Module):
 
     def multi_scale_features(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Projected features, their padding masks and position embeddings, finest level first."""
-        backbone_features = self.backbone(images)
-        features = [proj(backbone_features[name]) for proj, name in zip(self.input_proj, self.in_features)]
-        previous = backbone_features[self.in_features[-1]]
-        for proj in self.input_proj[len(self.in_features):]:
-            previous = proj(previous)
-            features.append(previous)
-        masks = [F.interpolate(mask[None].float(), size=f.shape[-2:]).bool()[0] for f in features]
+        if self.mask_padding:
+            features, masks = self._masked_features(images, mask)
+        else:
+            backbone_features = self.backbone(images)
+            features = [proj(backbone_features[name]) for proj, name in zip(self.input_proj, self.in_features)]
+            previous = backbone_features[self.in_features[-1]]
+            for proj in self.input_proj[len(self.in_features):]:
+                previous = proj(previous)
+                features.append(previous)
+            masks = [F.interpolate(mask[None].float(), size=f.shape[-2:]).bool()[0] for f in features]
         positions = [self.position_embedding(m).to(f.dtype) for f, m in zip(features, masks)]
         return features, masks, positions
+
+    def _masked_features(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The projected levels computed as for each image alone, and their masks (``mask_padding``)."""
+        masks = [downsample_mask(mask, stride) for stride in self.level_strides]
+        backbone_features = self.backbone(images, mask)
+        count = len(self.in_features)
+        features = [
+            masked_group_norm(proj[0](backbone_features[name]), proj[1], level_mask)
+            for proj, name, level_mask in zip(self.input_proj, self.in_features, masks)
+        ]
+        previous, previous_mask = backbone_features[self.in_features[-1]], masks[count - 1]
+        for proj, level_mask in zip(self.input_proj[count:], masks[count:]):
+            previous = masked_group_norm(proj[0](zero_padding(previous, previous_mask)), proj[1], level_mask)
+            previous_mask = level_mask
+            features.append(previous)
+        return features, masks
 
     def predict(self, batched_inputs: list[dict]) -> tuple[TransformerOutput, ImageList]:
         """Raw outputs for an inference batch: class logits and boxes of every decoder layer and the
@@ -252,20 +289,26 @@ class DINO(nn.Module):
             losses["loss_class_dn"] = losses["loss_class_dn"] + self.label_embedding.weight.sum() * 0.0
         return losses
 
-    def inference(self, prediction: Prediction, batched_inputs: list[dict],
-                  image_sizes: list[tuple[int, int]]) -> list[dict[str, Instances]]:
-        """Top-k (query, class) pairs per image, boxes scaled to the requested output size (``height`` x
-        ``width``, default the input size); as the official DINO ``PostProcess``, boxes are neither
-        clipped to the image nor filtered. Scores and boxes in float32 (bfloat16 scores would tie)."""
-        logits, boxes = float32((prediction["pred_logits"], prediction["pred_boxes"]))
+    def top_detections(self, logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``num_select`` best (query, class) pairs of ``logits (B, Q, K)``: their scores (sigmoid), class
+        indices and normalised xyxy boxes ``(B, num_select, 4)`` from ``boxes (B, Q, 4)`` (normalised cxcywh),
+        computed in float32."""
+        logits, boxes = float32((logits, boxes))
         with autocast_off(logits.device):
             probabilities = logits.sigmoid().flatten(1)
             num_classes = logits.shape[-1]
             scores, flat_index = probabilities.topk(min(self.num_select, probabilities.shape[1]), dim=1)
             query_index = flat_index // num_classes
             labels = flat_index % num_classes
-            boxes = box_convert(boxes, "cxcywh", "xyxy")
-            boxes = boxes.gather(1, query_index[..., None].expand(-1, -1, 4))
+            boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, query_index[..., None].expand(-1, -1, 4))
+        return scores, labels, boxes
+
+    def inference(self, prediction: Prediction, batched_inputs: list[dict],
+                  image_sizes: list[tuple[int, int]]) -> list[dict[str, Instances]]:
+        """Top-k (query, class) pairs per image, boxes scaled to the requested output size (``height`` x
+        ``width``, default the input size); as the official DINO ``PostProcess``, boxes are neither
+        clipped to the image nor filtered. Scores and boxes in float32 (bfloat16 scores would tie)."""
+        scores, labels, boxes = self.top_detections(prediction["pred_logits"], prediction["pred_boxes"])
         results = []
         for index, (inputs, (height, width)) in enumerate(zip(batched_inputs, image_sizes)):
             output_size = (int(inputs.get("height", height)), int(inputs.get("width", width)))

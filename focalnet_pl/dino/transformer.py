@@ -73,6 +73,10 @@ class DeformableTransformer(nn.Module):
     ``class_head`` and ``box_head`` are the prediction heads of the decoder layers (the box refinement
     needs them inside the decoder): one pair shared by all layers (``share_heads``, the official
     DINO) or a copy per layer (detrex); the encoder proposals have their own copies.
+    ``mask_padding``: the two-stage query selection never picks a padded position, and the decoder's query
+    position embeddings encode the reference boxes relative to the image, not to the padded map (the
+    official DINO does both on the padded map, so that a batch's padding changes an image's detections;
+    the two coincide on an unpadded image).
     """
 
     def __init__(
@@ -92,9 +96,11 @@ class DeformableTransformer(nn.Module):
         class_head: nn.Linear,
         box_head: MLP,
         share_heads: bool = True,
+        mask_padding: bool = False,
     ) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
+        self.mask_padding = mask_padding
         self.num_levels = num_levels
         self.num_queries = num_queries
         self.two_stage = two_stage
@@ -206,7 +212,10 @@ class DeformableTransformer(nn.Module):
             projected, proposals = self.encoder_proposals(memory, padding_mask, shapes)
             proposal_logits = self.proposal_class_head(projected)
             proposal_boxes = self.proposal_box_head(projected) + proposals
-            chosen = proposal_logits.max(-1).values.topk(num_select, dim=1).indices
+            scores = proposal_logits.max(-1).values
+            if self.mask_padding:
+                scores = scores.masked_fill(padding_mask, float("-inf"))
+            chosen = scores.topk(num_select, dim=1).indices
             boxes_unsigmoid = proposal_boxes.gather(1, chosen[..., None].expand(-1, -1, 4))
             encoder_logits = proposal_logits.gather(1, chosen[..., None].expand(-1, -1, proposal_logits.shape[-1]))
             encoder_boxes = boxes_unsigmoid.sigmoid()
@@ -240,7 +249,8 @@ class DeformableTransformer(nn.Module):
         for index, layer in enumerate(self.decoder_layers):
             class_head, box_head = self.layer_heads(index)
             reference_input = reference[:, :, None] * scale
-            query_pos = self.query_pos_head(box_sine_embedding(reference_input[:, :, 0], self.hidden_dim))
+            position_reference = reference if self.mask_padding else reference_input[:, :, 0]
+            query_pos = self.query_pos_head(box_sine_embedding(position_reference, self.hidden_dim))
             tgt = layer(tgt, query_pos, reference_input, memory, shapes, starts, padding_mask, attn_mask)
             normed = self.decoder_norm(tgt)
             logits.append(class_head(normed))

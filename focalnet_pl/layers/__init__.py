@@ -16,6 +16,14 @@ from focalnet_pl.layers.ms_deform_attn import (
     triton_kernel,
 )
 from focalnet_pl.layers.pixel_normalization import PixelNormalization
+from focalnet_pl.layers.padding import (
+    downsample_mask,
+    masked_group_norm,
+    masked_mean,
+    padding_mask,
+    replicate_padding,
+    zero_padding,
+)
 from focalnet_pl.layers.position_encoding import (
     DINOSinePositionEmbedding,
     MaskFormerSinePositionEmbedding,
@@ -30,16 +38,22 @@ __all__ = [
     "MaskFormerSinePositionEmbedding",
     "MultiScaleDeformableAttention",
     "PixelNormalization",
+    "downsample_mask",
     "encoder_reference_points",
     "get_fused_kernel",
     "group_norm",
     "level_starts",
+    "masked_group_norm",
+    "masked_mean",
     "ms_deform_attn_sample",
     "ms_deform_attn_sample_pytorch",
+    "padding_mask",
     "register_fused_kernel",
+    "replicate_padding",
     "sine_embedding",
     "spatial_shapes_list",
     "spatial_shapes_tensor",
     "triton_kernel",
     "valid_ratios",
+    "zero_padding",
 ]

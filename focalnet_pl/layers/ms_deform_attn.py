@@ -151,7 +151,16 @@ _host_shapes: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def spatial_shapes_tensor(sizes: Sequence[Sequence[int]], device: torch.device | str | None = None) -> Tensor:
     """``(L, 2)`` long tensor of level sizes ``(H_l, W_l)`` on ``device``, copied there without waiting for
-    the device, and with its host copy remembered for :func:`spatial_shapes_list`."""
+    the device, and with its host copy remembered for :func:`spatial_shapes_list`.
+
+    Traced with symbolic sizes (``torch.export`` / ONNX with dynamic height and width), the sizes stay
+    symbolic: the tensor is built by graph ops and the remembered sizes are the symbols."""
+    if any(isinstance(size, torch.SymInt) for level in sizes for size in level):
+        sizes = tuple((h, w) for h, w in sizes)
+        tensor = torch.stack([torch.scalar_tensor(size, dtype=torch.long, device=device)
+                              for level in sizes for size in level]).view(-1, 2)
+        _host_shapes[tensor] = sizes
+        return tensor
     sizes = tuple((int(h), int(w)) for h, w in sizes)
     tensor = torch.tensor(sizes, dtype=torch.long).view(-1, 2)
     tensor = to_device_async(tensor, torch.device(device) if device is not None else tensor.device)

@@ -4,7 +4,8 @@ Both encode each pixel's normalised ``(y, x)`` position with ``num_features`` si
 axis (``y`` channels first). They differ in what "position" means, and each model keeps its own:
 
 * :class:`MaskFormerSinePositionEmbedding` (Mask2Former's pixel and transformer decoders): the whole
-  (padded) map, row ``i`` at ``(i + 1) / H`` of the period, temperature 10000.
+  (padded) map, row ``i`` at ``(i + 1) / H`` of the period, temperature 10000; given a padding mask,
+  the valid rows only (``H`` = the image's rows), as DINO's.
 * :class:`DINOSinePositionEmbedding` (DINO): only the valid pixels of a padding mask count, row ``i``
   at (valid rows up to ``i``) / (valid rows of that column), temperature 20 by default.
 """
@@ -19,6 +20,17 @@ from torch import Tensor, nn
 __all__ = ["DINOSinePositionEmbedding", "MaskFormerSinePositionEmbedding", "sine_embedding"]
 
 _EPS = 1e-6
+
+
+def valid_positions(padding_mask: Tensor, offset: float, scale: float) -> tuple[Tensor, Tensor]:
+    """``(y, x)`` positions ``(count + offset) / (valid extent) * scale`` of every pixel, counting valid
+    pixels only along each column / row of ``padding_mask (B, H, W)`` (True at padding)."""
+    valid = (~padding_mask).float()
+    y = valid.cumsum(1)
+    x = valid.cumsum(2)
+    y = (y + offset) / (y[:, -1].unsqueeze(1) + _EPS) * scale
+    x = (x + offset) / (x[:, :, -1].unsqueeze(2) + _EPS) * scale
+    return y, x
 
 
 def sine_embedding(y: Tensor, x: Tensor, num_features: int, temperature: float) -> Tensor:
@@ -42,8 +54,11 @@ class MaskFormerSinePositionEmbedding(nn.Module):
         self.num_features = num_features
         self.temperature = temperature
 
-    def forward(self, features: Tensor) -> Tensor:
-        """(B, C, H, W) features (only their shape and device are used) -> (B, 2 * num_features, H, W)."""
+    def forward(self, features: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """(B, C, H, W) features (only their shape and device are used) -> (B, 2 * num_features, H, W);
+        with ``padding_mask (B, H, W)`` (True at padding) positions relative to each image's valid extent."""
+        if padding_mask is not None:
+            return sine_embedding(*valid_positions(padding_mask, 0.0, 2 * math.pi), self.num_features, self.temperature)
         batch, _, height, width = features.shape
         device = features.device
         scale = 2 * math.pi
@@ -70,9 +85,5 @@ class DINOSinePositionEmbedding(nn.Module):
 
     def forward(self, padding_mask: Tensor) -> Tensor:
         """``padding_mask (B, H, W)`` True at padding -> ``(B, 2 * num_pos_feats, H, W)``."""
-        valid = (~padding_mask).float()
-        y = valid.cumsum(1)
-        x = valid.cumsum(2)
-        y = (y + self.offset) / (y[:, -1:, :] + _EPS) * self.scale
-        x = (x + self.offset) / (x[:, :, -1:] + _EPS) * self.scale
+        y, x = valid_positions(padding_mask, self.offset, self.scale)
         return sine_embedding(y, x, self.num_pos_feats, self.temperature)

@@ -19,7 +19,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import Tensor, nn
 
-from focalnet_pl.layers import PixelNormalization
+from focalnet_pl.layers import PixelNormalization, downsample_mask, padding_mask, replicate_padding
 from focalnet_pl.layers.precision import run_in_float32
 from focalnet_pl.mask2former.criterion import MaskSetCriterion
 from focalnet_pl.mask2former.matcher import HungarianMaskMatcher
@@ -111,7 +111,13 @@ def instance_inference(
 
 @META_ARCH_REGISTRY.register()
 class Mask2Former(nn.Module):
-    """Backbone -> deformable pixel decoder -> masked-attention decoder, with set-prediction losses."""
+    """Backbone -> deformable pixel decoder -> masked-attention decoder, with set-prediction losses.
+
+    ``mask_padding`` (``MODEL.MASK_PADDING``): the padding of batched images is masked in the backbone,
+    the pixel decoder (GroupNorm statistics, position embeddings, deformable attention, upsampling), the
+    decoder's attention and the upsampling of the mask logits, so that each image's result does not
+    depend on its batch. The official Mask2Former computes on the padding (False).
+    """
 
     @configurable
     def __init__(
@@ -134,6 +140,7 @@ class Mask2Former(nn.Module):
         overlap_threshold: float,
         detections_per_image: int,
         resize_before_inference: bool = False,
+        mask_padding: bool = False,
     ) -> None:
         super().__init__()
         if not (semantic_on or instance_on or panoptic_on):
@@ -153,6 +160,7 @@ class Mask2Former(nn.Module):
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
         self.detections_per_image = detections_per_image
+        self.mask_padding = mask_padding
         # resize the mask logits to the output size before combining them (always for panoptic / instance
         # outputs); otherwise semantic scores are combined at the input size, then resized
         self.resize_before_inference = resize_before_inference or panoptic_on or instance_on
@@ -224,6 +232,7 @@ class Mask2Former(nn.Module):
             "overlap_threshold": node.TEST.OVERLAP_THRESHOLD,
             "detections_per_image": node.TEST.DETECTIONS_PER_IMAGE,
             "resize_before_inference": node.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
+            "mask_padding": cfg.MODEL.MASK_PADDING,
         }
 
     @property
@@ -244,21 +253,39 @@ class Mask2Former(nn.Module):
             targets.append({"labels": instances.gt_classes.long().to(self.device, non_blocking=True), "masks": padded})
         return targets
 
+    def predict(self, images: Tensor, mask: Tensor | None) -> dict:
+        """Decoder outputs (``pred_logits``, ``pred_masks`` at the mask features' stride, ``aux_outputs``) for
+        normalised padded ``images``; ``mask`` (B, H, W), True at padding, is used with ``mask_padding``."""
+        if not self.mask_padding:
+            mask_features, multi_scale_features = self.pixel_decoder(self.backbone(images))
+            return self.transformer_decoder(multi_scale_features, mask_features)
+        mask_features, multi_scale_features = self.pixel_decoder(self.backbone(images, mask), mask)
+        level_masks = self.pixel_decoder.level_masks(mask)
+        decoder_masks = [level_masks[name] for name in self.pixel_decoder.transformer_features]
+        return self.transformer_decoder(
+            multi_scale_features, mask_features, decoder_masks[: self.pixel_decoder.num_output_levels]
+        )
+
+    def upsample_mask_logits(self, mask_logits: Tensor, mask: Tensor | None) -> Tensor:
+        """``mask_logits (B, Q, h, w)`` bilinearly resized to the padded input size of ``mask (B, H, W)``; with
+        ``mask_padding`` the image edges read border values, not the padding."""
+        if self.mask_padding:
+            mask_logits = replicate_padding(mask_logits, downsample_mask(mask, self.pixel_decoder.mask_stride))
+        return F.interpolate(mask_logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+
     def forward(self, batched_inputs: list[dict[str, Any]]) -> dict[str, Tensor] | list[dict[str, Any]]:
         """Training: weighted losses. Inference: one result dict per input (see module docstring)."""
         images = [self.normalize(record["image"]) for record in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
-        mask_features, multi_scale_features = self.pixel_decoder(self.backbone(images.tensor))
-        outputs = self.transformer_decoder(multi_scale_features, mask_features)
+        mask = padding_mask(images.image_sizes, *images.tensor.shape[-2:], device=self.device)
+        outputs = self.predict(images.tensor, mask)
 
         if self.training:
             if not self.deep_supervision:
                 outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
             return self.criterion(outputs, self._targets(batched_inputs, tuple(images.tensor.shape[-2:])))
 
-        mask_logits = F.interpolate(
-            outputs["pred_masks"].float(), size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
-        )
+        mask_logits = self.upsample_mask_logits(outputs["pred_masks"].float(), mask)
         results = []
         per_image = zip(outputs["pred_logits"], mask_logits, batched_inputs, images.image_sizes)
         for class_logits, masks, record, image_size in per_image:

@@ -3,6 +3,9 @@
 The coarsest feature maps (by default res3-res5) are projected to a common width and refined jointly
 by a stack of deformable-attention encoder layers (:class:`focalnet_pl.layers.MultiScaleDeformableAttention`);
 the finer maps (res2) join through an FPN-style top-down path that ends in the per-pixel mask embedding.
+
+Given the padding mask of the batch, every step computes as for each image alone (see
+:mod:`focalnet_pl.layers.padding`); without it, as the official decoder, on the padding too.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ from torch import Tensor, nn
 from focalnet_pl.layers import (
     DeformableEncoderLayer,
     MaskFormerSinePositionEmbedding,
+    downsample_mask,
     encoder_reference_points,
     group_norm,
     level_starts,
+    masked_group_norm,
+    replicate_padding,
     spatial_shapes_tensor,
+    valid_ratios,
+    zero_padding,
 )
 
 __all__ = ["MSDeformAttnPixelDecoder"]
@@ -51,6 +59,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.fpn_features = [name for name, shape in ordered
                              if name not in transformer_in_features and shape.stride >= common_stride]
         self.num_output_levels = min(num_output_levels, len(self.transformer_features))
+        self.strides = {name: shape.stride for name, shape in input_shape.items()}
+        #: stride of the mask features (the finest level)
+        self.mask_stride = self.strides[(self.fpn_features or self.transformer_features)[-1]]
         self.input_projections = nn.ModuleList(
             nn.Sequential(nn.Conv2d(input_shape[name].channels, conv_dim, 1), group_norm(conv_dim))
             for name in self.transformer_features
@@ -81,36 +92,56 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.mask_dim = mask_dim
         self.conv_dim = conv_dim
 
-    def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def level_masks(self, padding_mask: Tensor | None) -> dict[str, Tensor | None]:
+        """The padding mask of every input level (None without a mask)."""
+        return {name: None if padding_mask is None else downsample_mask(padding_mask, stride)
+                for name, stride in self.strides.items()}
+
+    def forward(self, features: dict[str, Tensor], padding_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """Backbone features -> (mask_features, multi-scale maps ordered coarse to fine), always computed
-        in float32 (autocast off, as in the official code: deformable attention is not run in half precision)."""
+        in float32 (autocast off, as in the official code: deformable attention is not run in half precision).
+        ``padding_mask (B, H, W)``, True at padding: computed as for each image alone (mask features zero at
+        padding); None: on the padding too (the official decoder)."""
         device_type = next(iter(features.values())).device.type
         with torch.autocast(device_type, enabled=False):
-            return self._forward_float32({name: value.float() for name, value in features.items()})
+            return self._forward_float32({name: value.float() for name, value in features.items()},
+                                         self.level_masks(padding_mask))
 
-    def _forward_float32(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def _forward_float32(self, features: dict[str, Tensor], masks: dict[str, Tensor | None]) -> tuple[Tensor, list[Tensor]]:
         sources, positions, shapes = [], [], []
         for level, (name, projection) in enumerate(zip(self.transformer_features, self.input_projections)):
-            projected = projection(features[name])
+            projected = masked_group_norm(projection[0](features[name]), projection[1], masks[name])
             shapes.append(tuple(projected.shape[-2:]))
             sources.append(projected.flatten(2).transpose(1, 2))
-            positions.append(self.position_encoding(projected).flatten(2).transpose(1, 2) + self.level_embed[level])
+            position = self.position_encoding(projected, masks[name])
+            positions.append(position.flatten(2).transpose(1, 2) + self.level_embed[level])
         src = torch.cat(sources, 1)
         pos = torch.cat(positions, 1)
-        device = src.device
+        batch, device = src.shape[0], src.device
         spatial_shapes = spatial_shapes_tensor(shapes, device)
         level_start = level_starts(spatial_shapes)
-        unpadded = src.new_ones(src.shape[0], len(shapes), 2, dtype=torch.float32)
-        reference_points = encoder_reference_points(spatial_shapes, unpadded).to(src.dtype)
+        transformer_masks = [masks[name] for name in self.transformer_features]
+        if transformer_masks[0] is None:
+            value_mask = None
+            ratios = src.new_ones(batch, len(shapes), 2, dtype=torch.float32)
+        else:
+            value_mask = torch.cat([mask.flatten(1) for mask in transformer_masks], 1)
+            ratios = torch.stack([valid_ratios(mask) for mask in transformer_masks], 1)
+        reference_points = encoder_reference_points(spatial_shapes, ratios).to(src.dtype)
         for layer in self.encoder_layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start)
+            src = layer(src, pos, reference_points, spatial_shapes, level_start, value_mask)
 
         outputs = [
-            chunk.transpose(1, 2).reshape(src.shape[0], -1, height, width)
+            chunk.transpose(1, 2).reshape(batch, -1, height, width)
             for chunk, (height, width) in zip(src.split([h * w for h, w in shapes], 1), shapes)
         ]
+        previous_mask = transformer_masks[-1]
         for name, lateral, output_conv in zip(self.fpn_features, self.lateral_convs, self.output_convs):
-            lateral_features = lateral(features[name])
-            upsampled = F.interpolate(outputs[-1], size=lateral_features.shape[-2:], mode="bilinear", align_corners=False)
-            outputs.append(output_conv(lateral_features + upsampled))
-        return self.mask_features(outputs[-1]), outputs[: self.num_output_levels]
+            mask = masks[name]
+            lateral_features = masked_group_norm(lateral[0](features[name]), lateral[1], mask)
+            upsampled = F.interpolate(replicate_padding(outputs[-1], previous_mask), size=lateral_features.shape[-2:],
+                                      mode="bilinear", align_corners=False)
+            convolved = output_conv[0](zero_padding(lateral_features + upsampled, mask))
+            outputs.append(output_conv[2](masked_group_norm(convolved, output_conv[1], mask)))
+            previous_mask = mask
+        return zero_padding(self.mask_features(outputs[-1]), previous_mask), outputs[: self.num_output_levels]

@@ -3,7 +3,8 @@
 Each layer lets the queries cross-attend to one level of the pixel decoder's multi-scale maps (round
 robin, coarse to fine), restricted to the foreground of the mask the previous layer predicted, then
 self-attend, then pass a feed-forward block. Every layer's prediction (and the one from the learned
-queries alone) is returned for deep supervision.
+queries alone) is returned for deep supervision. Given the padding masks of the levels, the padding is
+never attended and the key position embeddings count the valid pixels only.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class MaskedAttentionDecoder(nn.Module):
                 if parameter.dim() > 1:
                     nn.init.xavier_uniform_(parameter)
 
-    def _predict(self, queries: Tensor, mask_features: Tensor, attention_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    def _predict(self, queries: Tensor, mask_features: Tensor, attention_size: tuple[int, int],
+                 padding: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         normed = self.decoder_norm(queries)
         class_logits = self.class_embed(normed)
         mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(normed), mask_features)
@@ -97,36 +99,46 @@ class MaskedAttentionDecoder(nn.Module):
             # True = position may NOT be attended (outside the predicted mask); sigmoid, not the logit's
             # sign, decides as in the official code (they differ where sigmoid rounds to 0.5)
             blocked = resized.flatten(2).sigmoid() < 0.5
+            if padding is not None:
+                blocked = blocked | padding[:, None]
             blocked = blocked[:, None].expand(-1, self.num_heads, -1, -1).flatten(0, 1)
         return class_logits, mask_logits, blocked
 
-    def forward(self, multi_scale_features: list[Tensor], mask_features: Tensor) -> dict:
-        """``multi_scale_features``: coarse-to-fine maps (B, C, H_l, W_l); ``mask_features`` (B, D, H/4, W/4)."""
+    def forward(self, multi_scale_features: list[Tensor], mask_features: Tensor,
+                padding_masks: list[Tensor] | None = None) -> dict:
+        """``multi_scale_features``: coarse-to-fine maps (B, C, H_l, W_l); ``mask_features`` (B, D, H/4, W/4);
+        ``padding_masks``: the levels' (B, H_l, W_l) masks, True at padding (None: attend to the padding too)."""
         if len(multi_scale_features) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(multi_scale_features)}")
         batch = mask_features.shape[0]
+        masks = padding_masks or [None] * self.num_feature_levels
         memories, memory_positions, sizes = [], [], []
         for level, features in enumerate(multi_scale_features):
             sizes.append(tuple(features.shape[-2:]))
-            memory_positions.append(self.position_encoding(features).flatten(2).transpose(1, 2))
+            memory_positions.append(self.position_encoding(features, masks[level]).flatten(2).transpose(1, 2))
             projected = self.input_projections[level](features).flatten(2).transpose(1, 2)
             memories.append(projected + self.level_embed.weight[level])
         queries = self.query_features.weight[None].expand(batch, -1, -1)
         query_positions = self.query_positions.weight[None].expand(batch, -1, -1)
 
         class_predictions, mask_predictions = [], []
-        class_logits, mask_logits, blocked = self._predict(queries, mask_features, sizes[0])
+        flat_masks = [None if mask is None else mask.flatten(1) for mask in masks]
+        class_logits, mask_logits, blocked = self._predict(queries, mask_features, sizes[0], flat_masks[0])
         class_predictions.append(class_logits)
         mask_predictions.append(mask_logits)
         for layer in range(self.num_layers):
             level = layer % self.num_feature_levels
-            # a query whose mask is empty may attend everywhere (else softmax over nothing)
-            blocked = blocked & ~blocked.all(-1, keepdim=True)
+            # a query whose mask is empty may attend everywhere in the image (else softmax over nothing)
+            empty = blocked.all(-1, keepdim=True)
+            blocked = blocked & ~empty
+            if flat_masks[level] is not None:  # ... but not the padding
+                blocked = blocked | (empty & flat_masks[level].repeat_interleave(self.num_heads, 0)[:, None])
             queries = self.cross_attention[layer](queries, query_positions, memories[level], memory_positions[level], blocked)
             queries = self.self_attention[layer](queries, query_positions, queries, query_positions)
             queries = self.feed_forward[layer](queries)
-            next_size = sizes[(layer + 1) % self.num_feature_levels]
-            class_logits, mask_logits, blocked = self._predict(queries, mask_features, next_size)
+            next_level = (layer + 1) % self.num_feature_levels
+            class_logits, mask_logits, blocked = self._predict(queries, mask_features, sizes[next_level],
+                                                               flat_masks[next_level])
             class_predictions.append(class_logits)
             mask_predictions.append(mask_logits)
         return {

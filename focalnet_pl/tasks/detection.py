@@ -305,6 +305,28 @@ class DetectionTask(L.LightningModule):
     def forward(self, batch: list[dict]) -> Any:
         return self._require_model()(batch)
 
+    def onnx_export_spec(self) -> Any:
+        """``cli.py export --format onnx``: DINO as images -> boxes, scores, labels
+        (:func:`focalnet_pl.dino.onnx.dino_onnx_spec`), Mask2Former as images -> semantic scores and the
+        query outputs (:func:`focalnet_pl.mask2former.onnx.mask2former_onnx_spec`). Others raise, saying why."""
+        from focalnet_pl.dino import DINO
+        from focalnet_pl.dino.onnx import dino_onnx_spec
+        from focalnet_pl.mask2former import Mask2Former
+        from focalnet_pl.mask2former.onnx import mask2former_onnx_spec
+
+        model = self._require_model()
+        if isinstance(model, Mask2Former):
+            return mask2former_onnx_spec(model, self.cfg.INPUT.FORMAT)
+        if not isinstance(model, DINO):
+            raise NotImplementedError(
+                f"{self.meta_architecture} has no ONNX export: detectron2's proposal and detection post-processing "
+                "decide in Python on tensor values (e.g. find_top_rpn_proposals' `if not valid_mask.all()`, NMS keeping "
+                "a data-dependent number of boxes), which torch.export, the ONNX exporter's tracer, cannot follow. "
+                "DINO (MODEL.META_ARCHITECTURE: DINO) exports; the FocalNet backbone exports with "
+                "`cli.py export --format safetensors --part backbone`."
+            )
+        return dino_onnx_spec(model, list(self.class_metadata.thing_classes), self.cfg.INPUT.FORMAT)
+
     # ---- checkpoints --------------------------------------------------------------------------
     def architecture(self) -> dict[str, Any]:
         """What this task's checkpoints record of the model (see :mod:`focalnet_pl.architecture`)."""
