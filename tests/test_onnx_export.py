@@ -113,6 +113,7 @@ def dino_onnx(tmp_path_factory) -> tuple[Path, Path, Path, str]:
     return config, ckpt, output, stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_dino_exports_to_onnx_with_boxes_scores_labels_for_any_size(dino_onnx) -> None:
     config, ckpt, output, printed = dino_onnx
     assert f"wrote {output} (onnxruntime vs PyTorch: max abs difference" in printed
@@ -161,6 +162,7 @@ def test_mask_rcnn_onnx_export_says_why_not(tmp_path: Path, capsys) -> None:
 
 
 # ---- segmentation -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_mask2former_exports_to_onnx_with_semantic_scores_for_any_size(tmp_path: Path) -> None:
     from focalnet_pl.cli import main
     from focalnet_pl.tasks.segmentation import SegmentationTask
