@@ -17,7 +17,7 @@ import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-__all__ = ["assign", "average_num_targets", "indices_to_device", "to_device_async"]
+__all__ = ["assign", "assign_sets", "average_num_targets", "indices_to_device", "to_device_async"]
 
 
 def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
@@ -57,6 +57,19 @@ def assign(costs: Sequence[Tensor], names: Sequence[str]) -> list[tuple[Tensor, 
         matched_rows, matched_cols = linear_sum_assignment(block)
         results.append((torch.as_tensor(matched_rows, dtype=torch.int64), torch.as_tensor(matched_cols, dtype=torch.int64)))
     return results
+
+
+def assign_sets(costs: Sequence[Tensor], slots: Sequence[tuple[int, int]], num_sets: int,
+                num_images: int) -> list[list[tuple[Tensor, Tensor]]]:
+    """:func:`assign` of the cost matrix of each ``(prediction set, image)`` slot, all in one host copy;
+    returns ``indices[set][image] = (query_indices, target_indices)``, empty for slots without a matrix
+    (images without targets)."""
+    names = [f"image {image} of the batch, prediction set {set_index}" for set_index, image in slots]
+    empty = torch.empty(0, dtype=torch.int64)
+    indices = [[(empty, empty)] * num_images for _ in range(num_sets)]
+    for (set_index, image), pairs in zip(slots, assign(costs, names)):
+        indices[set_index][image] = pairs
+    return indices
 
 
 def indices_to_device(

@@ -124,20 +124,26 @@ def test_focal_projection_gradients():
     assert weight.grad is not None and bias.grad is not None
 
 
-def test_training_gradients_match_the_plain_path(monkeypatch):
-    calls = []
-    original = cpu_fastpath.FocalProjection.apply
-    monkeypatch.setattr(cpu_fastpath.FocalProjection, "apply", lambda *a: calls.append(1) or original(*a))
-    model = _perturbed_model(use_layerscale=True, normalize_modulator=True).train()
+def _gradient_function(model):
+    """A function giving ``model``'s parameter gradients on a fixed batch (same drop-path draws each call)."""
     x = torch.randn(2, 3, 48, 40)
     target = torch.tensor([1, 5])
 
     def gradients():
         model.zero_grad()
-        torch.manual_seed(1)  # same drop-path draws
+        torch.manual_seed(1)
         torch.nn.functional.cross_entropy(model(x), target).backward()
         return [p.grad.clone() for p in model.parameters()]
 
+    return gradients
+
+
+def test_training_gradients_match_the_plain_path(monkeypatch):
+    calls = []
+    original = cpu_fastpath.FocalProjection.apply
+    monkeypatch.setattr(cpu_fastpath.FocalProjection, "apply", lambda *a: calls.append(1) or original(*a))
+    model = _perturbed_model(use_layerscale=True, normalize_modulator=True).train()
+    gradients = _gradient_function(model)
     fast = gradients()
     assert len(calls) == 5
     with cpu_fastpath.disabled():
@@ -201,15 +207,7 @@ def test_auto_mode_projection_choice_leaves_gradients_alone(calibrating, fastest
     costs, runs = calibrating
     costs.update({"linear": 2.0, "three GEMMs": 2.0, fastest: 1.0})
     model = _perturbed_model().train()
-    x = torch.randn(2, 3, 48, 40)
-    target = torch.tensor([1, 5])
-
-    def gradients():
-        model.zero_grad()
-        torch.manual_seed(1)  # same drop-path draws
-        torch.nn.functional.cross_entropy(model(x), target).backward()
-        return [p.grad.clone() for p in model.parameters()]
-
+    gradients = _gradient_function(model)
     with cpu_fastpath.disabled():
         plain = gradients()
     calibrated = gradients()  # calibration runs on detached copies: the model's gradients are one step's

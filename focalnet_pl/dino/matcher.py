@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
 from focalnet_pl.layers.precision import run_in_float32
-from focalnet_pl.matching import assign
+from focalnet_pl.matching import assign_sets
 
 
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -81,7 +81,7 @@ class HungarianMatcher(nn.Module):
         groups: dict[tuple, list[int]] = {}
         for index, (logits, boxes) in enumerate(predictions):
             groups.setdefault((logits.shape, boxes.shape, logits.dtype, boxes.dtype), []).append(index)
-        costs, names, slots = [], [], []
+        costs, slots = [], []
         for members in groups.values():
             logits = torch.stack([predictions[index][0] for index in members])
             boxes = torch.stack([predictions[index][1] for index in members])
@@ -91,10 +91,5 @@ class HungarianMatcher(nn.Module):
                 cost = self.cost_matrix(logits[:, image], boxes[:, image], target["labels"], target["boxes"])
                 for set_index, set_cost in zip(members, cost):
                     costs.append(set_cost)
-                    names.append(f"image {image} of the batch, prediction set {set_index}")
                     slots.append((set_index, image))
-        empty = torch.empty(0, dtype=torch.int64)
-        indices = [[(empty, empty)] * len(targets) for _ in predictions]
-        for (set_index, image), pairs in zip(slots, assign(costs, names)):
-            indices[set_index][image] = pairs
-        return indices
+        return assign_sets(costs, slots, len(predictions), len(targets))

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from focalnet_pl.layers.precision import run_in_float32
 from focalnet_pl.mask2former.point_sampling import point_sample
-from focalnet_pl.matching import assign
+from focalnet_pl.matching import assign_sets
 
 __all__ = ["HungarianMaskMatcher", "batch_dice_cost", "batch_sigmoid_bce_cost"]
 
@@ -75,7 +75,7 @@ class HungarianMaskMatcher(nn.Module):
         """Match several ``(pred_logits, pred_masks)`` sets (the decoder layers) to the same targets, with one
         device-to-host copy for all cost matrices (computed in float32). ``points[set]`` are the sets' :meth:`draw_points` (drawn
         here, set by set, when not given). Returns ``[set][image] -> (query_indices, target_indices)``."""
-        costs, names, slots = [], [], []
+        costs, slots = [], []
         for set_index, (pred_logits, pred_masks) in enumerate(predictions):
             set_points = points[set_index] if points is not None else self.draw_points(targets, pred_masks.device)
             for image_index, target in enumerate(targets):
@@ -93,10 +93,5 @@ class HungarianMaskMatcher(nn.Module):
                     + self.cost_mask * batch_sigmoid_bce_cost(query_points, target_points)
                     + self.cost_dice * batch_dice_cost(query_points, target_points)
                 )
-                names.append(f"image {image_index} of the batch, prediction set {set_index}")
                 slots.append((set_index, image_index))
-        empty = torch.zeros(0, dtype=torch.long)
-        indices = [[(empty, empty)] * len(targets) for _ in predictions]
-        for (set_index, image_index), pairs in zip(slots, assign(costs, names)):
-            indices[set_index][image_index] = pairs
-        return indices
+        return assign_sets(costs, slots, len(predictions), len(targets))
