@@ -24,12 +24,8 @@ from focalnet_pl.optim import lr_factor, param_groups
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
 from focalnet_pl.tasks.callbacks import default_task_callbacks
 from focalnet_pl.tasks.data import ClassificationData, data_interface
-from focalnet_pl.visualize.draw import (
-    draw_top5,
-    load_picture,
-    save_picture,
-    tensor_to_picture,
-)
+from focalnet_pl.tasks.writers import TopKWriter
+from focalnet_pl.visualize.draw import draw_top5, tensor_to_picture
 
 if TYPE_CHECKING:
     from focalnet_pl.export import OnnxExportSpec
@@ -232,10 +228,6 @@ class ClassificationTask(L.LightningModule):
             labels = [names[i] if names else str(i) for i in indices]
             results.append({"file": str(path), "top5": [{"class_id": i, "label": lab, "score": round(s, 6)}
                                                          for i, lab, s in zip(indices, labels, scores)]})
-        if self.hparams.predict_draw:
-            for result in results:
-                picture = draw_top5(load_picture(result["file"]), result["top5"])
-                result["picture"] = str(save_picture(picture, self._predict_dir() / "images", result["file"]))
         return results
 
     def visualize_batch(self, batch: Any, max_images: int) -> list[tuple[str, np.ndarray]]:
@@ -282,15 +274,6 @@ class ClassificationTask(L.LightningModule):
             return Path(self.hparams.predict_output_dir)
         return Path(self.trainer.default_root_dir) / "predictions"
 
-    def on_predict_epoch_end(self) -> None:
-        out_dir = self._predict_dir()
-        results = [r for batch in self.trainer.predict_loop.predictions for r in batch] \
-            if self.trainer.predict_loop.predictions else []
-        path = Path(out_dir) / f"predictions_rank{self.global_rank}.json" if self.trainer.world_size > 1 \
-            else Path(out_dir) / "predictions.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1))
-        log.info("Wrote %d predictions to %s", len(results), path)
 
     # ------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict:
@@ -322,6 +305,9 @@ class ClassificationTask(L.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         hp = self.hparams
-        return default_task_callbacks(self.trainer, hp.monitor, hp.monitor_mode, hp.checkpoint_every_n_steps,
-                                      hp.log_samples, hp.ema_decay)
+        callbacks = default_task_callbacks(self.trainer, hp.monitor, hp.monitor_mode, hp.checkpoint_every_n_steps,
+                                           hp.log_samples, hp.ema_decay)
+        if self.trainer.state.fn == "predict" and not any(isinstance(c, TopKWriter) for c in self.trainer.callbacks):
+            callbacks.append(TopKWriter(str(self._predict_dir()), draw=hp.predict_draw))
+        return callbacks
 

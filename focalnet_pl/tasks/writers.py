@@ -1,6 +1,7 @@
 """Prediction writers: Lightning ``BasePredictionWriter`` callbacks that turn ``predict`` outputs into files.
 
-The detectron2-model tasks' ``predict_step`` gives one dict per image: ``image`` (``id``, ``file_name``,
+The classification task's ``predict_step`` gives one dict per image (``file``, ``top5``), written by
+:class:`TopKWriter`. The detectron2-model tasks' ``predict_step`` gives one dict per image: ``image`` (``id``, ``file_name``,
 ``height``, ``width``) and the model's outputs (``instances``, ``sem_seg``, ``panoptic_seg``); the task's
 ``class_metadata`` names the classes and maps them to dataset ids. Each writer makes one kind of file of
 them; the task adds those of its outputs unless the trainer has writers of those kinds already.
@@ -22,9 +23,10 @@ from PIL import Image
 
 from focalnet_pl.evaluation.coco import instances_to_coco_results
 from focalnet_pl.evaluation.gather import gather_unique_by_key
-from focalnet_pl.visualize.draw import draw_detectron2_output
+from focalnet_pl.io import atomic_write
+from focalnet_pl.visualize.draw import draw_detectron2_output, draw_top5, load_picture, save_picture
 
-__all__ = ["COCOResultsWriter", "COCOSubmissionWriter", "OverlayWriter", "PerImageWriter", "SegmentsWriter"]
+__all__ = ["COCOResultsWriter", "COCOSubmissionWriter", "OverlayWriter", "PerImageWriter", "SegmentsWriter", "TopKWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,29 @@ class PerImageWriter(BasePredictionWriter, ABC):
         self._entries = {}
         if trainer.is_global_zero:
             self.write(trainer, pl_module, [merged[key] for key in sorted(merged)])
+
+
+class TopKWriter(PerImageWriter):
+    """``predictions.json`` under ``output_dir``: the top-k classes of every image (``file``, ``top5``: class id,
+    label, score), ordered by file; with ``draw``, each image with its labels under ``images/`` too (its path in
+    the entry's ``picture``)."""
+
+    def __init__(self, output_dir: str, draw: bool = False) -> None:
+        super().__init__()
+        self.output_dir = Path(output_dir)
+        self.draw = draw
+
+    def entries(self, pl_module: L.LightningModule, predictions: Sequence[dict]) -> dict[Hashable, Any]:
+        if self.draw:
+            for result in predictions:
+                picture = draw_top5(load_picture(result["file"]), result["top5"])
+                result["picture"] = str(save_picture(picture, self.output_dir / "images", result["file"]))
+        return {result["file"]: result for result in predictions}
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, entries: list[Any]) -> None:
+        path = self.output_dir / "predictions.json"
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(entries, indent=1)))
+        log.info("Wrote %d predictions to %s", len(entries), path)
 
 
 class OverlayWriter(BasePredictionWriter):
