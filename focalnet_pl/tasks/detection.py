@@ -41,7 +41,7 @@ from focalnet_pl.ema import continue_from_trained_weights
 from focalnet_pl.evaluation import EvaluationRun
 from focalnet_pl.focalnet import FocalNetBlock
 from focalnet_pl.optim import lr_factor as schedule_factor
-from focalnet_pl.optim import module_type_param_groups, param_groups
+from focalnet_pl.optim import detector_param_groups
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
 from focalnet_pl.tasks.callbacks import default_task_callbacks
 from focalnet_pl.tasks.checkpoint import (
@@ -367,20 +367,11 @@ class DetectionTask(L.LightningModule):
 
     def parameter_groups(self) -> list[dict]:
         """AdamW groups by the ``param_groups`` rule, each with its ``lr``: the FocalNet / ResNet backbone
-        gets ``backbone_lr``."""
-        model = self._require_model()
+        gets ``backbone_lr`` (:func:`focalnet_pl.optim.detector_param_groups`)."""
         hp = self.hparams
-        backbone_lr = hp.backbone_lr if hp.backbone_lr is not None else hp.lr
-        lr_scale = {f"{name}.": backbone_lr / hp.lr for name, m in model.named_modules()
-                    if isinstance(m, (FocalNetBackbone, ResNet))}
-        if hp.param_groups == "by_module_type":
-            groups = module_type_param_groups(model, hp.weight_decay, lr_scale, hp.weight_decay_norm,
-                                              hp.weight_decay_embed)
-        else:
-            groups = param_groups(model.named_parameters(), hp.weight_decay, lr_scale, decay_all=hp.weight_decay_all)
-        for group in groups:
-            group["lr"] = hp.lr * group["lr_scale"]
-        return groups
+        return detector_param_groups(self._require_model(), hp.param_groups, hp.lr, hp.weight_decay,
+                                     (FocalNetBackbone, ResNet), hp.backbone_lr, decay_all=hp.weight_decay_all,
+                                     weight_decay_norm=hp.weight_decay_norm, weight_decay_embed=hp.weight_decay_embed)
 
     def lr_factor(self, step: int, epoch: int) -> float:
         """Multiplier of the base learning rates at optimizer ``step`` during ``epoch``."""
