@@ -53,7 +53,7 @@ from focalnet_pl.tasks.checkpoint import (
     saved_classes,
 )
 from focalnet_pl.tasks.data import DetectronData, data_interface
-from focalnet_pl.tasks.writers import COCOResultsWriter, OverlayWriter, SegmentsWriter
+from focalnet_pl.tasks.writers import detectron2_writers
 from focalnet_pl.visualize.draw import draw_detectron2_output
 
 __all__ = ["CLASS_FIELDS", "DetectionTask", "output_kinds"]
@@ -277,22 +277,14 @@ class DetectionTask(L.LightningModule):
             else "val/AP"
 
     def configure_callbacks(self) -> list[Callback]:
+        """The default callbacks the trainer lacks; under ``predict`` also the writers of the model's outputs."""
         hp = self.hparams
         callbacks = default_task_callbacks(self.trainer, self.monitor_metric, hp.monitor_mode,
                                            hp.checkpoint_every_n_steps, hp.log_samples, hp.ema_decay)
         if self.trainer.state.fn == "predict":
-            callbacks += self._prediction_writers()
+            callbacks += detectron2_writers(self.output_kinds, hp.predict_output_dir, hp.score_threshold,
+                                            hp.overlay_alpha, self.trainer.callbacks)
         return callbacks
-
-    def _prediction_writers(self) -> list[Callback]:
-        """The writers of this model's outputs that the trainer does not have yet: drawn images, and COCO
-        results (instance models) or segments (segmentation models)."""
-        out = self.hparams.predict_output_dir
-        segmentation = bool({"sem_seg", "panoptic_seg"} & self.output_kinds)
-        writers = [OverlayWriter(out, self.hparams.score_threshold, self.hparams.overlay_alpha),
-                   SegmentsWriter(out) if segmentation else COCOResultsWriter(out)]
-        present = {type(callback) for callback in self.trainer.callbacks}
-        return [writer for writer in writers if type(writer) not in present]
 
     def _require_model(self) -> nn.Module:
         """The detectron2 model; it is built once its number of classes is known: from the config,
