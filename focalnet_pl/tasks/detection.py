@@ -5,11 +5,13 @@ The task is glue between parts it is given or builds from its arguments:
 * the model (with its loss): whatever ``build_model`` makes of the ``detectron2`` config dict, for the
   classes of the data (or of a checkpoint);
 * the data: read only through :class:`~focalnet_pl.tasks.data.DetectronData`;
-* the optimizer: AdamW over :mod:`focalnet_pl.optim` parameter groups (``param_groups`` rule), its
+* the optimizer: AdamW over :func:`focalnet_pl.optim.detector_param_groups` (``param_groups`` rule), its
   schedule :func:`focalnet_pl.optim.lr_factor`;
-* the evaluators: :func:`focalnet_pl.evaluation.build_evaluators` for the data's ``evaluator_type`` and
-  the model's outputs (COCO AP, PQ, mIoU);
-* the prediction files: the writers of :mod:`focalnet_pl.tasks.writers`.
+* the evaluation: a :class:`focalnet_pl.evaluation.EvaluationRun` per stage, with the evaluators of
+  :func:`focalnet_pl.evaluation.build_evaluators` for the data's ``evaluator_type`` and the model's outputs
+  (COCO AP, PQ, mIoU);
+* the checkpoint record (classes, architecture) and its checks: :mod:`focalnet_pl.tasks.checkpoint`;
+* the prediction files: the writers of :mod:`focalnet_pl.tasks.writers` (:func:`~focalnet_pl.tasks.writers.detectron2_writers`).
 """
 
 from __future__ import annotations
