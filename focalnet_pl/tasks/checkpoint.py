@@ -1,5 +1,5 @@
-"""What a :class:`~focalnet_pl.tasks.detection.DetectionTask` checkpoint records besides its weights, and
-the checks of a checkpoint restored into a configured task.
+"""What a :class:`~focalnet_pl.tasks.detection.DetectionTask` checkpoint records besides its weights, the
+checks of a checkpoint restored into a configured task, and the detector weights a task starts from.
 
 ``checkpoint["detection"]`` holds the meta-architecture, the number of classes and their metadata
 (:data:`CLASS_FIELDS`, so that predict names and maps classes without the data);
@@ -18,9 +18,10 @@ from torch import nn
 
 from focalnet_pl.architecture import focalnet_settings
 from focalnet_pl.d2.backbone import FocalNetBackbone
+from focalnet_pl.detector_weights import DetectorLoadReport, load_detector_weights
 
 __all__ = ["CLASS_FIELDS", "CLASSES_KEY", "check_state_dict", "class_record", "detection_architecture",
-           "saved_classes"]
+           "load_initial_weights", "saved_classes"]
 
 #: the entry of the class record in a Lightning checkpoint
 CLASSES_KEY = "detection"
@@ -87,3 +88,24 @@ def check_state_dict(own: Mapping[str, torch.Tensor], theirs: Mapping[str, torch
             f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
             f"{len(reshaped)} with other shapes {[(k, tuple(theirs[k].shape), tuple(own[k].shape)) for k in reshaped[:5]]}"
         )
+
+
+def load_initial_weights(model: nn.Module, source: str, class_metadata: Metadata | None,
+                         keep_backbone: bool = False) -> DetectorLoadReport:
+    """Load a full detector checkpoint ``source`` (official, detrex, mmdetection or ours) into ``model``, class
+    rows chosen by the dataset ids of ``class_metadata``'s classes (see :func:`focalnet_pl.load_detector_weights`).
+    ``keep_backbone`` (the FocalNet backbone comes from ``MODEL.FOCALNET.WEIGHTS``): the checkpoint's tensors
+    under it (FocalNet or, in official releases, Swin / ResNet) are skipped."""
+    class_ids = class_names = None
+    if class_metadata is not None:
+        id_map = class_metadata.get("stuff_dataset_id_to_contiguous_id", None) \
+            or class_metadata.thing_dataset_id_to_contiguous_id
+        to_dataset = {v: k for k, v in id_map.items()}
+        class_ids = [to_dataset[i] for i in range(len(to_dataset))]
+        class_names = list(class_metadata.thing_classes)
+    backbone_filter = None
+    if keep_backbone:
+        prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, FocalNetBackbone))
+        backbone_filter = lambda key: not key.startswith(prefixes)  # noqa: E731
+    return load_detector_weights(model, source, class_ids=class_ids, class_names=class_names,
+                                 checkpoint_filter=backbone_filter)

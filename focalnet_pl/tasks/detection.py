@@ -10,7 +10,8 @@ The task is glue between parts it is given or builds from its arguments:
 * the evaluation: a :class:`focalnet_pl.evaluation.EvaluationRun` per stage, with the evaluators of
   :func:`focalnet_pl.evaluation.build_evaluators` for the data's ``evaluator_type`` and the model's outputs
   (COCO AP, PQ, mIoU);
-* the checkpoint record (classes, architecture) and its checks: :mod:`focalnet_pl.tasks.checkpoint`;
+* the checkpoint record (classes, architecture), its checks and the detector weights it starts from
+  (``weights``): :mod:`focalnet_pl.tasks.checkpoint`;
 * the prediction files: the writers of :mod:`focalnet_pl.tasks.writers` (:func:`~focalnet_pl.tasks.writers.detectron2_writers`).
 """
 
@@ -37,7 +38,7 @@ from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, requi
 from focalnet_pl.d2.backbone import FocalNetBackbone
 from focalnet_pl.d2.config import NUM_CLASSES_KEYS, build_detectron2_cfg, get_dotted, has_dotted
 from focalnet_pl.d2.partial_masks import train_masks_where_annotated
-from focalnet_pl.detector_weights import DetectorLoadReport, load_detector_weights
+from focalnet_pl.detector_weights import DetectorLoadReport
 from focalnet_pl.distributed import maybe_fully_shard
 from focalnet_pl.ema import continue_from_trained_weights
 from focalnet_pl.evaluation import EvaluationRun
@@ -52,6 +53,7 @@ from focalnet_pl.tasks.checkpoint import (
     check_state_dict,
     class_record,
     detection_architecture,
+    load_initial_weights,
     saved_classes,
 )
 from focalnet_pl.tasks.data import DetectronData, data_interface
@@ -244,27 +246,8 @@ class DetectionTask(L.LightningModule):
             if metadata is not None:
                 self._use_classes(metadata, "datamodule")
         if self.weights_source and self.weights_report is None and self.model is not None:
-            self._load_model_weights()
-
-    def _load_model_weights(self) -> None:
-        """``weights`` / ``MODEL.WEIGHTS``: a full detector checkpoint (official, detrex, mmdetection or ours),
-        class rows chosen by the dataset ids of the model's classes (see :func:`focalnet_pl.load_detector_weights`).
-        With ``MODEL.FOCALNET.WEIGHTS`` the FocalNet backbone comes from there: the checkpoint's tensors
-        under it (FocalNet or, in official releases, Swin / ResNet) are skipped."""
-        model = self._require_model()
-        class_ids = class_names = None
-        if self._class_metadata is not None:
-            metadata = self._class_metadata
-            id_map = metadata.get("stuff_dataset_id_to_contiguous_id", None) or metadata.thing_dataset_id_to_contiguous_id
-            to_dataset = {v: k for k, v in id_map.items()}
-            class_ids = [to_dataset[i] for i in range(len(to_dataset))]
-            class_names = list(metadata.thing_classes)
-        backbone_filter = None
-        if self.cfg.MODEL.FOCALNET.WEIGHTS:
-            prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, FocalNetBackbone))
-            backbone_filter = lambda key: not key.startswith(prefixes)  # noqa: E731
-        self.weights_report = load_detector_weights(model, self.weights_source, class_ids=class_ids,
-                                                    class_names=class_names, checkpoint_filter=backbone_filter)
+            self.weights_report = load_initial_weights(self.model, self.weights_source, self._class_metadata,
+                                                       keep_backbone=bool(self.cfg.MODEL.FOCALNET.WEIGHTS))
 
     def configure_model(self) -> None:
         """Shard with FSDP2 under ``FSDP2Strategy`` (no-op under other strategies, never twice)."""
