@@ -101,6 +101,32 @@ def module_type_param_groups(
     return list(groups.values())
 
 
+def detector_param_groups(
+    model: nn.Module,
+    rule: Literal["by_name", "by_module_type"],
+    lr: float,
+    weight_decay: float,
+    backbone_types: tuple[type[nn.Module], ...] = (),
+    backbone_lr: float | None = None,
+    *,
+    decay_all: bool = False,
+    weight_decay_norm: float = 0.0,
+    weight_decay_embed: float = 0.0,
+) -> list[dict]:
+    """AdamW groups of a detector by ``rule`` (``by_name``: :func:`param_groups` with ``decay_all``;
+    ``by_module_type``: :func:`module_type_param_groups` with ``weight_decay_norm`` / ``weight_decay_embed``),
+    each with its ``lr``: the modules of ``backbone_types`` get ``backbone_lr`` (``None``: ``lr``)."""
+    backbone_lr = backbone_lr if backbone_lr is not None else lr
+    lr_scale = {f"{name}.": backbone_lr / lr for name, m in model.named_modules() if isinstance(m, backbone_types)}
+    if rule == "by_module_type":
+        groups = module_type_param_groups(model, weight_decay, lr_scale, weight_decay_norm, weight_decay_embed)
+    else:
+        groups = param_groups(model.named_parameters(), weight_decay, lr_scale, decay_all=decay_all)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return groups
+
+
 def lr_factor(
     step: int,
     epoch: int = 0,

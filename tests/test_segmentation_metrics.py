@@ -1,15 +1,19 @@
 """PQ/SQ/RQ and mIoU on hand-made cases (arithmetic in the comments), against panopticapi's pq_compute and
-detectron2's SemSegEvaluator (golden values in tests/fixtures), against torchmetrics, and under DDP."""
+detectron2's SemSegEvaluator (golden values in tests/fixtures), against torchmetrics, and under DDP; one
+evaluation stage run by :class:`~focalnet_pl.evaluation.EvaluationRun`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from detectron2.data import Metadata
 
+from focalnet_pl.evaluation import EvaluationRun
 from focalnet_pl.evaluation.panoptic import PanopticQualityEvaluator, panoptic_image_statistics
 from focalnet_pl.evaluation.semantic import SemanticSegmentationEvaluator
 
@@ -263,3 +267,37 @@ def test_pq_listed_empty_segments_and_crowd_order_by_hand() -> None:
     assert (stats[THING].tp, stats[THING].fp, stats[THING].fn) == (1, 1, 1)
     with pytest.raises(ValueError, match=r"predicted segments \[5\] are listed but have no pixels"):
         panoptic_image_statistics(pred, [*pred_segments, {"id": 5, "category_id": THING}], gt, gt_segments)
+
+
+class _SemanticData:
+    """The two members of a datamodule that an :class:`EvaluationRun` reads, for a 2-class semantic split."""
+
+    def dataset_metadata(self, split: str) -> Metadata:
+        return Metadata(name=f"toy_{split}", evaluator_type="semantic", stuff_classes=["sky", "road"], ignore_label=255)
+
+    def instance_ground_truth(self, split: str) -> dict:
+        raise AssertionError("semantic data has no instances to score")
+
+
+def test_evaluation_run_scores_a_stage_and_writes_its_metrics(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = EvaluationRun({"sem_seg"})
+    with pytest.raises(ValueError, match="val needs a datamodule"):
+        run.start("val", None, tmp_path)
+    with pytest.raises(RuntimeError, match="before start"):
+        run.process([], [])
+    run.start("val", _SemanticData(), tmp_path, epoch=3)
+    scores = torch.tensor([[[2.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [1.0, 1.0]]])  # argmax: [[0, 1], [1, 1]]
+    run.process([{"image_id": 1, "sem_seg_gt": torch.tensor([[0, 1], [0, 255]])}], [{"sem_seg": scores}])
+    logged = run.finish(write=True)
+    # sky: tp 1, label 2, pred 1 -> 1/2; road: tp 1, label 1, pred 2 -> 1/2
+    assert logged["val/mIoU"] == pytest.approx(50.0) and all(name.startswith("val/") for name in logged)
+    written = json.loads((tmp_path / "val_metrics.json").read_text())
+    assert written["mIoU"] == pytest.approx(50.0) and "IoU-sky" in written  # every metric, per class too
+    assert "val (epoch 3):" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="before start"):
+        run.finish()  # one finish per start
+    run.start("test", _SemanticData(), tmp_path / "quiet")
+    run.process([{"image_id": 2, "sem_seg_gt": torch.tensor([[1]])}], [{"sem_seg": torch.tensor([[[0.0]], [[1.0]]])}])
+    assert run.finish(write=False) == pytest.approx({"test/mIoU": 100.0, "test/fwIoU": 100.0, "test/pACC": 100.0,
+                                                     "test/mACC": 100.0})
+    assert not (tmp_path / "quiet").exists()  # only the writing rank writes

@@ -20,6 +20,7 @@ from focalnet_pl.evaluation.evaluator import (
 )
 from focalnet_pl.evaluation.gather import gather_unique_by_key
 from focalnet_pl.evaluation.panoptic import PanopticQualityEvaluator
+from focalnet_pl.evaluation.run import EvaluationData, EvaluationRun
 from focalnet_pl.evaluation.semantic import SemanticSegmentationEvaluator
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "COCOInstanceEvaluator",
     "DatasetEvaluator",
     "DatasetEvaluators",
+    "EvaluationData",
+    "EvaluationRun",
     "PanopticQualityEvaluator",
     "SemanticSegmentationEvaluator",
     "build_evaluators",

@@ -5,16 +5,18 @@ The task is glue between parts it is given or builds from its arguments:
 * the model (with its loss): whatever ``build_model`` makes of the ``detectron2`` config dict, for the
   classes of the data (or of a checkpoint);
 * the data: read only through :class:`~focalnet_pl.tasks.data.DetectronData`;
-* the optimizer: AdamW over :mod:`focalnet_pl.optim` parameter groups (``param_groups`` rule), its
+* the optimizer: AdamW over :func:`focalnet_pl.optim.detector_param_groups` (``param_groups`` rule), its
   schedule :func:`focalnet_pl.optim.lr_factor`;
-* the evaluators: :func:`focalnet_pl.evaluation.build_evaluators` for the data's ``evaluator_type`` and
-  the model's outputs (COCO AP, PQ, mIoU);
-* the prediction files: the writers of :mod:`focalnet_pl.tasks.writers`.
+* the evaluation: a :class:`focalnet_pl.evaluation.EvaluationRun` per stage, with the evaluators of
+  :func:`focalnet_pl.evaluation.build_evaluators` for the data's ``evaluator_type`` and the model's outputs
+  (COCO AP, PQ, mIoU);
+* the checkpoint record (classes, architecture), its checks and the detector weights it starts from
+  (``weights``): :mod:`focalnet_pl.tasks.checkpoint`;
+* the prediction files: the writers of :mod:`focalnet_pl.tasks.writers` (:func:`~focalnet_pl.tasks.writers.detectron2_writers`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,21 +34,30 @@ from detectron2.utils.events import EventStorage
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, focalnet_settings, require_task_checkpoint
+from focalnet_pl.architecture import ARCHITECTURE_KEY, check_architecture, require_task_checkpoint
 from focalnet_pl.d2.backbone import FocalNetBackbone
 from focalnet_pl.d2.config import NUM_CLASSES_KEYS, build_detectron2_cfg, get_dotted, has_dotted
 from focalnet_pl.d2.partial_masks import train_masks_where_annotated
-from focalnet_pl.detector_weights import DetectorLoadReport, load_detector_weights
+from focalnet_pl.detector_weights import DetectorLoadReport
 from focalnet_pl.distributed import maybe_fully_shard
 from focalnet_pl.ema import continue_from_trained_weights
-from focalnet_pl.evaluation import DatasetEvaluators, build_evaluators, format_metrics_table, summary_metrics
+from focalnet_pl.evaluation import EvaluationRun
 from focalnet_pl.focalnet import FocalNetBlock
 from focalnet_pl.optim import lr_factor as schedule_factor
-from focalnet_pl.optim import module_type_param_groups, param_groups
+from focalnet_pl.optim import detector_param_groups
 from focalnet_pl.reliability import NonFiniteAction, NonFiniteLossGuard
 from focalnet_pl.tasks.callbacks import default_task_callbacks
+from focalnet_pl.tasks.checkpoint import (
+    CLASS_FIELDS,
+    CLASSES_KEY,
+    check_state_dict,
+    class_record,
+    detection_architecture,
+    load_initial_weights,
+    saved_classes,
+)
 from focalnet_pl.tasks.data import DetectronData, data_interface
-from focalnet_pl.tasks.writers import COCOResultsWriter, OverlayWriter, SegmentsWriter
+from focalnet_pl.tasks.writers import detectron2_writers
 from focalnet_pl.visualize.draw import draw_detectron2_output
 
 __all__ = ["CLASS_FIELDS", "DetectionTask", "output_kinds"]
@@ -62,11 +73,6 @@ FSDP_BLOCK_TYPES = (
 
 #: the config key of each meta-architecture's thing classes (panoptic inference), when it has one
 THING_CLASS_IDS_KEYS: dict[str, str] = {"Mask2Former": "MODEL.MASK_FORMER.THING_CLASS_IDS"}
-
-#: the class metadata fields a checkpoint keeps, so that predict names and maps classes without the data
-CLASS_FIELDS = ("thing_classes", "thing_dataset_id_to_contiguous_id", "stuff_classes",
-                "stuff_dataset_id_to_contiguous_id", "thing_class_ids", "thing_colors", "stuff_colors")
-
 
 def output_kinds(cfg: CfgNode) -> frozenset[str]:
     """What the model of ``cfg`` outputs (:data:`focalnet_pl.evaluation.OUTPUT_KINDS`)."""
@@ -178,7 +184,7 @@ class DetectionTask(L.LightningModule):
         self._class_metadata: Metadata | None = None
         if self.configured_num_classes is not None:
             self._build_model(self.configured_num_classes, None)
-        self.evaluator: DatasetEvaluators | None = None
+        self.evaluation = EvaluationRun(self.output_kinds)
         self.weights_report: DetectorLoadReport | None = None
 
     # ---- model and classes --------------------------------------------------------------------
@@ -240,27 +246,8 @@ class DetectionTask(L.LightningModule):
             if metadata is not None:
                 self._use_classes(metadata, "datamodule")
         if self.weights_source and self.weights_report is None and self.model is not None:
-            self._load_model_weights()
-
-    def _load_model_weights(self) -> None:
-        """``weights`` / ``MODEL.WEIGHTS``: a full detector checkpoint (official, detrex, mmdetection or ours),
-        class rows chosen by the dataset ids of the model's classes (see :func:`focalnet_pl.load_detector_weights`).
-        With ``MODEL.FOCALNET.WEIGHTS`` the FocalNet backbone comes from there: the checkpoint's tensors
-        under it (FocalNet or, in official releases, Swin / ResNet) are skipped."""
-        model = self._require_model()
-        class_ids = class_names = None
-        if self._class_metadata is not None:
-            metadata = self._class_metadata
-            id_map = metadata.get("stuff_dataset_id_to_contiguous_id", None) or metadata.thing_dataset_id_to_contiguous_id
-            to_dataset = {v: k for k, v in id_map.items()}
-            class_ids = [to_dataset[i] for i in range(len(to_dataset))]
-            class_names = list(metadata.thing_classes)
-        backbone_filter = None
-        if self.cfg.MODEL.FOCALNET.WEIGHTS:
-            prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, FocalNetBackbone))
-            backbone_filter = lambda key: not key.startswith(prefixes)  # noqa: E731
-        self.weights_report = load_detector_weights(model, self.weights_source, class_ids=class_ids,
-                                                    class_names=class_names, checkpoint_filter=backbone_filter)
+            self.weights_report = load_initial_weights(self.model, self.weights_source, self._class_metadata,
+                                                       keep_backbone=bool(self.cfg.MODEL.FOCALNET.WEIGHTS))
 
     def configure_model(self) -> None:
         """Shard with FSDP2 under ``FSDP2Strategy`` (no-op under other strategies, never twice)."""
@@ -275,22 +262,14 @@ class DetectionTask(L.LightningModule):
             else "val/AP"
 
     def configure_callbacks(self) -> list[Callback]:
+        """The default callbacks the trainer lacks; under ``predict`` also the writers of the model's outputs."""
         hp = self.hparams
         callbacks = default_task_callbacks(self.trainer, self.monitor_metric, hp.monitor_mode,
                                            hp.checkpoint_every_n_steps, hp.log_samples, hp.ema_decay)
         if self.trainer.state.fn == "predict":
-            callbacks += self._prediction_writers()
+            callbacks += detectron2_writers(self.output_kinds, hp.predict_output_dir, hp.score_threshold,
+                                            hp.overlay_alpha, self.trainer.callbacks)
         return callbacks
-
-    def _prediction_writers(self) -> list[Callback]:
-        """The writers of this model's outputs that the trainer does not have yet: drawn images, and COCO
-        results (instance models) or segments (segmentation models)."""
-        out = self.hparams.predict_output_dir
-        segmentation = bool({"sem_seg", "panoptic_seg"} & self.output_kinds)
-        writers = [OverlayWriter(out, self.hparams.score_threshold, self.hparams.overlay_alpha),
-                   SegmentsWriter(out) if segmentation else COCOResultsWriter(out)]
-        present = {type(callback) for callback in self.trainer.callbacks}
-        return [writer for writer in writers if type(writer) not in present]
 
     def _require_model(self) -> nn.Module:
         """The detectron2 model; it is built once its number of classes is known: from the config,
@@ -330,62 +309,26 @@ class DetectionTask(L.LightningModule):
     # ---- checkpoints --------------------------------------------------------------------------
     def architecture(self) -> dict[str, Any]:
         """What this task's checkpoints record of the model (see :mod:`focalnet_pl.architecture`)."""
-        model = self._require_model()
-        backbone = next((m for m in model.modules() if isinstance(m, FocalNetBackbone)), None)
         data = self._data()
-        levels = {f"MODEL.{name}.NUM_FEATURE_LEVELS": node.NUM_FEATURE_LEVELS
-                  for name, node in self.cfg.MODEL.items() if isinstance(node, CfgNode) and "NUM_FEATURE_LEVELS" in node}
-        return {
-            "task": "detection",
-            "meta_architecture": self.meta_architecture,
-            "focalnet": focalnet_settings(backbone.body.cfg, self.cfg.MODEL.FOCALNET.VARIANT) if backbone is not None else None,
-            "out_features": list(backbone.output_shape()) if backbone is not None else None,
-            "feature_levels": levels,
-            "mask_on": bool(self.cfg.MODEL.MASK_ON),
-            "num_classes": self.num_classes,
-            "class_names": list(self._class_metadata.thing_classes) if self._class_metadata is not None else None,
-            "input_format": self.cfg.INPUT.FORMAT,
-            "eval_size": list(data.eval_size) if data is not None else None,
-        }
+        return detection_architecture(self.cfg, self._require_model(), self.num_classes, self._class_metadata,
+                                      data.eval_size if data is not None else None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        info: dict[str, Any] = {"meta_architecture": self.meta_architecture, "num_classes": self.num_classes}
-        if self._class_metadata is not None:  # class names and ids, so that predict can label without the data
-            info.update({name: self._class_metadata.get(name) for name in CLASS_FIELDS
-                         if self._class_metadata.get(name, None) is not None})
-        checkpoint["detection"] = info
+        checkpoint[CLASSES_KEY] = class_record(self.meta_architecture, self.num_classes, self._class_metadata)
         checkpoint[ARCHITECTURE_KEY] = self.architecture()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         require_task_checkpoint(checkpoint, "model.init_args.weights (MODEL.WEIGHTS)")
         continue_from_trained_weights(self._trainer, checkpoint)
-        info = checkpoint.get("detection")
-        if not isinstance(info, dict):
-            raise ValueError("not a DetectionTask checkpoint (no 'detection' entry)")
-        if info["meta_architecture"] != self.meta_architecture:
-            raise ValueError(
-                f"checkpoint holds a {info['meta_architecture']} model but the config builds {self.meta_architecture}"
-            )
-        if "thing_classes" in info:
-            self._use_classes(Metadata(**{name: info[name] for name in CLASS_FIELDS if name in info}), "checkpoint")
+        metadata, num_classes = saved_classes(checkpoint, self.meta_architecture)
+        if metadata is not None:
+            self._use_classes(metadata, "checkpoint")
         elif self.model is None:
-            self._build_model(info["num_classes"], None)
+            self._build_model(num_classes, None)
         check_architecture(checkpoint.get(ARCHITECTURE_KEY), self.architecture())
-        if info["num_classes"] != self.num_classes:
-            raise ValueError(
-                f"checkpoint model predicts {info['num_classes']} classes but this one predicts {self.num_classes}"
-            )
-        own = self.state_dict()
-        theirs = checkpoint.get("state_dict", {})
-        missing = sorted(set(own) - set(theirs))
-        unexpected = sorted(set(theirs) - set(own))
-        reshaped = sorted(k for k in set(own) & set(theirs) if own[k].shape != theirs[k].shape)
-        if missing or unexpected or reshaped:
-            raise ValueError(
-                "checkpoint does not match the configured model (another head or backbone?): "
-                f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
-                f"{len(reshaped)} with other shapes {[(k, tuple(theirs[k].shape), tuple(own[k].shape)) for k in reshaped[:5]]}"
-            )
+        if num_classes != self.num_classes:
+            raise ValueError(f"checkpoint model predicts {num_classes} classes but this one predicts {self.num_classes}")
+        check_state_dict(self.state_dict(), checkpoint.get("state_dict", {}))
 
     # ---- training -----------------------------------------------------------------------------
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
@@ -401,20 +344,11 @@ class DetectionTask(L.LightningModule):
 
     def parameter_groups(self) -> list[dict]:
         """AdamW groups by the ``param_groups`` rule, each with its ``lr``: the FocalNet / ResNet backbone
-        gets ``backbone_lr``."""
-        model = self._require_model()
+        gets ``backbone_lr`` (:func:`focalnet_pl.optim.detector_param_groups`)."""
         hp = self.hparams
-        backbone_lr = hp.backbone_lr if hp.backbone_lr is not None else hp.lr
-        lr_scale = {f"{name}.": backbone_lr / hp.lr for name, m in model.named_modules()
-                    if isinstance(m, (FocalNetBackbone, ResNet))}
-        if hp.param_groups == "by_module_type":
-            groups = module_type_param_groups(model, hp.weight_decay, lr_scale, hp.weight_decay_norm,
-                                              hp.weight_decay_embed)
-        else:
-            groups = param_groups(model.named_parameters(), hp.weight_decay, lr_scale, decay_all=hp.weight_decay_all)
-        for group in groups:
-            group["lr"] = hp.lr * group["lr_scale"]
-        return groups
+        return detector_param_groups(self._require_model(), hp.param_groups, hp.lr, hp.weight_decay,
+                                     (FocalNetBackbone, ResNet), hp.backbone_lr, decay_all=hp.weight_decay_all,
+                                     weight_decay_norm=hp.weight_decay_norm, weight_decay_embed=hp.weight_decay_embed)
 
     def lr_factor(self, step: int, epoch: int) -> float:
         """Multiplier of the base learning rates at optimizer ``step`` during ``epoch``."""
@@ -435,58 +369,32 @@ class DetectionTask(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- evaluation ---------------------------------------------------------------------------
-    def _output_dir(self) -> Path:
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
-
+    # ---- evaluation (focalnet_pl.evaluation.EvaluationRun) -----------------------------------
     def _start_evaluation(self, stage: str) -> None:
-        data = self._data()
-        if data is None:
-            raise ValueError(f"{stage} needs a datamodule with evaluation data (e.g. COCODataModule)")
-        split = "val" if stage == "val" else "test"
-        self.evaluator = build_evaluators(data.dataset_metadata(split), self.output_kinds,
-                                          lambda: data.instance_ground_truth(split), self._output_dir(), f"{stage}_")
-
-    def _evaluation_step(self, batch: list[dict]) -> None:
-        assert self.evaluator is not None
-        self.evaluator.process(batch, self._require_model()(batch))
-
-    def _finish_evaluation(self, stage: str) -> dict[str, float]:
-        assert self.evaluator is not None
-        metrics = self.evaluator.evaluate()
-        self.evaluator = None
-        # identical on every rank (gathered): syncing averages equal values
-        self.log_dict({f"{stage}/{name}": value for name, value in summary_metrics(metrics).items()}, sync_dist=True)
-        if self.trainer.is_global_zero:
-            epoch = f" (epoch {self.current_epoch})" if stage == "val" else ""
-            print(format_metrics_table(metrics, f"{stage}{epoch}:"), flush=True)
-            out = self._output_dir()
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"{stage}_metrics.json").write_text(json.dumps(metrics, indent=1))
-        return metrics
+        self.evaluation.start(stage, self._data(), self.trainer.log_dir or self.trainer.default_root_dir,
+                              self.current_epoch if stage == "val" else None)
 
     def on_validation_epoch_start(self) -> None:
         if not self.trainer.sanity_checking:
             self._start_evaluation("val")
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
-        if self.trainer.sanity_checking:
-            self._require_model()(batch)
-            return
-        self._evaluation_step(batch)
+        outputs = self._require_model()(batch)
+        if not self.trainer.sanity_checking:
+            self.evaluation.process(batch, outputs)
 
     def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._finish_evaluation("val")
+        if not self.trainer.sanity_checking:  # gathered: identical on every rank, syncing averages equal values
+            self.log_dict(self.evaluation.finish(self.trainer.is_global_zero), sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self._start_evaluation("test")
 
     def test_step(self, batch: list[dict], batch_idx: int) -> None:
-        self._evaluation_step(batch)
+        self.evaluation.process(batch, self._require_model()(batch))
 
     def on_test_epoch_end(self) -> None:
-        self._finish_evaluation("test")
+        self.log_dict(self.evaluation.finish(self.trainer.is_global_zero), sync_dist=True)
 
     # ---- prediction ---------------------------------------------------------------------------
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:

@@ -12,12 +12,12 @@ import json
 import logging
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
@@ -26,7 +26,8 @@ from focalnet_pl.evaluation.gather import gather_unique_by_key
 from focalnet_pl.io import atomic_write
 from focalnet_pl.visualize.draw import draw_detectron2_output, draw_top5, load_picture, save_picture
 
-__all__ = ["COCOResultsWriter", "COCOSubmissionWriter", "OverlayWriter", "PerImageWriter", "SegmentsWriter", "TopKWriter"]
+__all__ = ["COCOResultsWriter", "COCOSubmissionWriter", "OverlayWriter", "PerImageWriter", "SegmentsWriter", "TopKWriter",
+           "detectron2_writers"]
 
 log = logging.getLogger(__name__)
 
@@ -241,3 +242,14 @@ class COCOSubmissionWriter(PerImageWriter):
                 f"predicted category ids {unknown[:10]} are not among the categories of the image-info json "
                 f"({len(categories)} categories): the model's classes (from its training data) do not match that split"
             )
+
+
+def detectron2_writers(outputs: Collection[str], output_dir: str | Path, score_threshold: float, overlay_alpha: float,
+                       present: Iterable[Callback] = ()) -> list[BasePredictionWriter]:
+    """The writers of a detectron2 model giving ``outputs`` that ``present`` has no writer of the kind of:
+    drawn images, and COCO results (instance models) or segments (segmentation models)."""
+    segmentation = bool({"sem_seg", "panoptic_seg"} & set(outputs))
+    writers = [OverlayWriter(output_dir, score_threshold, overlay_alpha),
+               SegmentsWriter(output_dir) if segmentation else COCOResultsWriter(output_dir)]
+    kinds = {type(callback) for callback in present}
+    return [writer for writer in writers if type(writer) not in kinds]
