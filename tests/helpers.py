@@ -351,3 +351,14 @@ def scene_batch() -> list[dict]:
         batch.append({"image": image, "instances": instances, "height": 64, "width": 64, "image_id": len(batch),
                       "pan_seg_gt": ids, "segments_info": segments})
     return batch
+
+
+def save_task_checkpoint(task: L.LightningModule, path: Path, call_hook: bool = False) -> Path:
+    """``task`` saved at ``path`` as a Lightning checkpoint (weights, hyper-parameters, version; with
+    ``call_hook`` what the task's ``on_save_checkpoint`` adds too), without a trainer."""
+    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                  "pytorch-lightning_version": L.__version__}
+    if call_hook:
+        task.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path

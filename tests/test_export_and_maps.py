@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+from helpers import save_task_checkpoint
 from focalnet_pl import create_focalnet
 from focalnet_pl.cli import main as cli_main
 from focalnet_pl.export import (
@@ -50,10 +51,7 @@ def trained(tmp_path: Path) -> tuple[Path, Path, ClassificationTask]:
                   "init_args": {"variant": "focalnet_tiny_srf", "model_overrides": TINY}},
         "data": {"class_path": "datamodules.ImageNetDataModule", "init_args": {"root": "unused", "image_size": 64}},
     }))
-    ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                "pytorch-lightning_version": L.__version__}, ckpt)
-    return config, ckpt, task
+    return config, save_task_checkpoint(task, tmp_path / "last.ckpt"), task
 
 
 @pytest.mark.slow

@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from helpers import save_task_checkpoint
 from focalnet_pl.export import load_task, onnx_export_spec
 from focalnet_pl.tasks import ClassificationTask
 
@@ -34,9 +34,7 @@ def test_classifier_exports_to_onnx_for_any_image_size(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"model": {"class_path": "focalnet_pl.tasks.ClassificationTask",
                                                 "init_args": {"variant": "focalnet_tiny_srf", "model_overrides": TINY}}}))
-    ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                "pytorch-lightning_version": L.__version__}, ckpt)
+    ckpt = save_task_checkpoint(task, tmp_path / "last.ckpt")
     output = tmp_path / "exports" / "classifier.onnx"
 
     result = subprocess.run(
@@ -88,11 +86,7 @@ def detection_checkpoint(tmp_path: Path, model: dict) -> tuple[Path, Path]:
     with torch.no_grad():
         for parameter in task.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                  "pytorch-lightning_version": L.__version__}
-    task.on_save_checkpoint(checkpoint)
-    ckpt = tmp_path / "last.ckpt"
-    torch.save(checkpoint, ckpt)
+    ckpt = save_task_checkpoint(task, tmp_path / "last.ckpt", call_hook=True)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"model": {"class_path": "focalnet_pl.tasks.detection.DetectionTask",
                                                 "init_args": {"detectron2": detectron2}}}))
@@ -182,10 +176,7 @@ def test_mask2former_exports_to_onnx_with_semantic_scores_for_any_size(tmp_path:
     with torch.no_grad():  # trained-like weights
         for parameter in task.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
-    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                  "pytorch-lightning_version": L.__version__}
-    task.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, tmp_path / "last.ckpt")
+    save_task_checkpoint(task, tmp_path / "last.ckpt", call_hook=True)
     config = {"model": {"class_path": "focalnet_pl.tasks.segmentation.SegmentationTask", "init_args": {"detectron2": detectron2}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     output = tmp_path / "mask2former.onnx"

@@ -28,6 +28,7 @@ from focalnet_pl.layers import (
     valid_ratios,
     zero_padding,
 )
+from focalnet_pl.layers.precision import autocast_off
 
 __all__ = ["MSDeformAttnPixelDecoder"]
 
@@ -102,8 +103,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         in float32 (autocast off, as in the official code: deformable attention is not run in half precision).
         ``padding_mask (B, H, W)``, True at padding: computed as for each image alone (mask features zero at
         padding); None: on the padding too (the official decoder)."""
-        device_type = next(iter(features.values())).device.type
-        with torch.autocast(device_type, enabled=False):
+        with autocast_off(next(iter(features.values())).device):
             return self._forward_float32({name: value.float() for name, value in features.items()},
                                          self.level_masks(padding_mask))
 
