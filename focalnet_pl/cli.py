@@ -18,6 +18,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from datamodules.image_io import DataNotFoundError
+from focalnet_pl.distributed import end_process_group
 from focalnet_pl.io import load_checkpoint
 
 CHECKPOINT_ALIASES = ("best", "last")
@@ -177,6 +178,7 @@ def main(args: list[str] | None = None) -> None:
             return
         torch.set_float32_matmul_precision("high")
         FocalNetCLI(args=args)  # None: LightningCLI reads sys.argv itself (no "args and sys.argv" warning)
+        end_process_group()
     except Exception as error:
         missing = _missing_data(error)
         if debug or missing is None:

@@ -7,6 +7,8 @@
   ``full``: one file gathered on rank 0).
 * :func:`maybe_fully_shard`: called by a task's ``configure_model()``; shards the task's modules when
   the trainer runs a ``ModelParallelStrategy``, does nothing otherwise and never shards twice.
+* :func:`end_process_group`: the clean end of a multi-process run (every rank reaches it, then the
+  process group is destroyed), so no rank exits while another still talks to it.
 * :func:`consolidate_checkpoint`: distributed checkpoint folder -> one Lightning checkpoint file that
   ``cli.py test/predict --ckpt_path``, ``Trainer(...).test(ckpt_path=...)`` and
   ``create_focalnet(weights=...)`` load (weights and training metadata; no optimizer state).
@@ -223,6 +225,17 @@ def shard_units(module: nn.Module, units: list[nn.Module], policy: ShardingPolic
     for root in roots:
         fully_shard(root, mesh=mesh, reshard_after_forward=False, mp_policy=root_mp, offload_policy=offload)
     return roots
+
+
+def end_process_group() -> None:
+    """Wait for every rank, then destroy the default process group (no-op when none is initialised).
+
+    Without it, a rank that leaves first can abort another one's gloo/NCCL threads while the
+    interpreter shuts down ("terminate called without an active exception", exit status -6).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def is_distributed_checkpoint(path: str | Path) -> bool:

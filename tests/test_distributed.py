@@ -113,6 +113,16 @@ def test_strategy_configs_compose_with_a_task_config(tmp_path):
         FSDP2Strategy(param_dtype="float8")
 
 
+def test_end_process_group_waits_for_every_rank_then_destroys_the_group(tmp_path):
+    from focalnet_pl.distributed import end_process_group
+
+    end_process_group()  # no group: nothing to do
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    end_process_group()
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.slow
 def test_fsdp2_fit_resume_reuse_and_consolidate(tmp_path):
     from focalnet_pl import create_focalnet
@@ -174,7 +184,7 @@ def _fsdp_worker(data_root: Path, out: Path) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from focalnet_pl.distributed import FSDP2Strategy
+    from focalnet_pl.distributed import FSDP2Strategy, end_process_group
     from focalnet_pl.focalnet import FocalNetBlock
     from focalnet_pl.tasks import classification
 
@@ -243,6 +253,7 @@ def _fsdp_worker(data_root: Path, out: Path) -> None:
     report["full_head_weight"] = full.model.head.weight.full_tensor().tolist()
     if trainer.is_global_zero:
         (out / "report.json").write_text(json.dumps(report))
+    end_process_group()
 
 
 if __name__ == "__main__":
