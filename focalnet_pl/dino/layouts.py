@@ -19,6 +19,7 @@ difference named, with the config key to change.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -158,7 +159,7 @@ _CLASS_KEYS = re.compile(r"^transformer\.(class_head|class_heads\.\d+|proposal_c
 _HEAD_KEYS = re.compile(r"^(?:transformer\.decoder\.)?(class|bbox)_embed\.(\d+)\.(.+)$")
 
 
-class _DINOLayout:
+class _DINOLayout(ABC):
     """Renaming rules, plus the per-layer prediction heads that both layouts store (``class_embed.N``,
     ``bbox_embed.N`` and their ``transformer.decoder.`` copies)."""
 
@@ -168,8 +169,9 @@ class _DINOLayout:
     #: whether the class rows are COCO's 80 in id order (else row = dataset id)
     contiguous_classes: bool
 
+    @abstractmethod
     def rules(self, keys: Collection[str]) -> list[Rule]:
-        raise NotImplementedError
+        """Renaming rules of this layout for a checkpoint with these ``keys``."""
 
     def proposal_head_index(self, dec_layers: int) -> int | None:
         """Index of the encoder-proposal head among the ``class_embed.N`` (None: stored separately)."""
